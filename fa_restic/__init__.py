@@ -1,0 +1,1 @@
+"""fa-restic: an HTTP backup API over restic."""

@@ -1,0 +1,1 @@
+"""The HTTP API: routes, the envelope, auth and path rules (SPEC §4 and §5)."""

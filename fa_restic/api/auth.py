@@ -1,0 +1,95 @@
+"""Who is calling: a JWT (HS256/384/512) naming `username`, or a static token from config."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import re
+import warnings
+from dataclasses import dataclass
+
+import jwt
+from jwt.warnings import InsecureKeyLengthWarning
+
+from fa_restic.api.errors import unauthorized
+from fa_restic.config import AuthSettings
+from fa_restic.jobs.service import Caller
+
+log = logging.getLogger("fa_restic.api")
+
+JWT_ALGORITHMS = ["HS256", "HS384", "HS512"]
+MINIMUM_SECRET_BYTES = 32
+USERNAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}")
+
+
+def valid_username(name: object) -> bool:
+    """True for a name that is safe as a folder name and a restic tag (no commas, no slashes)."""
+    return isinstance(name, str) and USERNAME_PATTERN.fullmatch(name) is not None
+
+
+@dataclass(frozen=True)
+class _StaticToken:
+    sha256: bytes
+    caller: Caller
+
+
+class Authenticator:
+    """Turns an Authorization header into a Caller, or raises a 401 ApiError."""
+
+    def __init__(self, settings: AuthSettings) -> None:
+        self._secret = settings.jwt_secret
+        if self._secret is not None and len(self._secret.encode()) < MINIMUM_SECRET_BYTES:
+            log.warning(
+                "auth.jwt_secret is shorter than %d bytes: use a long random secret",
+                MINIMUM_SECRET_BYTES,
+            )
+            # Said once here; PyJWT would repeat it on every request.
+            warnings.filterwarnings("ignore", category=InsecureKeyLengthWarning)
+        self._tokens = [
+            _StaticToken(
+                bytes.fromhex(entry.token_sha256)
+                if entry.token_sha256
+                else hashlib.sha256((entry.token or "").encode()).digest(),
+                Caller(entry.user, entry.admin),
+            )
+            for entry in settings.tokens
+        ]
+
+    def authenticate(self, header: str | None) -> Caller:
+        """Returns the caller the header names; raises ApiError (401) with the reason."""
+        if not header:
+            raise unauthorized("missing Authorization header")
+        scheme, _, token = header.partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise unauthorized("expected 'Authorization: Bearer <token>'")
+        digest = hashlib.sha256(token.encode()).digest()
+        for entry in self._tokens:
+            if hmac.compare_digest(entry.sha256, digest):
+                return entry.caller
+        if token.count(".") != 2:
+            raise unauthorized("unknown token")
+        if not self._secret:
+            raise unauthorized("JWTs are not accepted: no jwt_secret is configured")
+        try:
+            claims = jwt.decode(
+                token,
+                self._secret,
+                algorithms=JWT_ALGORITHMS,
+                options={"require": ["username"]},
+            )
+        except jwt.ExpiredSignatureError:
+            raise unauthorized("token expired") from None
+        except jwt.InvalidSignatureError:
+            raise unauthorized("bad token signature") from None
+        except jwt.InvalidAlgorithmError:
+            raise unauthorized("token algorithm not allowed (HS256, HS384, HS512)") from None
+        except jwt.MissingRequiredClaimError:
+            raise unauthorized("token has no username claim") from None
+        except jwt.PyJWTError as error:
+            raise unauthorized(f"invalid token ({type(error).__name__})") from None
+        username = claims["username"]
+        if not valid_username(username):
+            raise unauthorized("username claim is not a valid user name")
+        return Caller(username, claims.get("admin") is True)

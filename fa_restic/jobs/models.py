@@ -1,0 +1,121 @@
+"""Job records and the one state machine they follow."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+
+from pydantic import BaseModel, ConfigDict
+
+
+class JobStatus(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCESS = "success"
+    FAILED = "failed"
+    CANCEL = "cancel"
+
+    @property
+    def is_terminal(self) -> bool:
+        """True for success, failed and cancel: such a status never changes again."""
+        return self in TERMINAL_STATUSES
+
+    @property
+    def is_active(self) -> bool:
+        """True for pending and running."""
+        return not self.is_terminal
+
+
+TERMINAL_STATUSES = frozenset({JobStatus.SUCCESS, JobStatus.FAILED, JobStatus.CANCEL})
+
+STATUS_TO_NEXT: dict[JobStatus, frozenset[JobStatus]] = {
+    JobStatus.PENDING: frozenset({JobStatus.RUNNING, JobStatus.CANCEL, JobStatus.FAILED}),
+    # running -> pending: interrupted by a stop of the service, to run again after it.
+    JobStatus.RUNNING: frozenset(
+        {JobStatus.SUCCESS, JobStatus.FAILED, JobStatus.CANCEL, JobStatus.PENDING}
+    ),
+    JobStatus.SUCCESS: frozenset(),
+    JobStatus.FAILED: frozenset(),
+    JobStatus.CANCEL: frozenset(),
+}
+
+
+class TransitionError(Exception):
+    """A status change the state machine does not allow."""
+
+
+class JobKind(StrEnum):
+    BACKUP = "backup"
+    RESTORE = "restore"
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Progress(BaseModel):
+    """Live progress of a running job; kept in memory, not in the state file."""
+
+    model_config = ConfigDict(frozen=True)
+
+    percent_done: float = 0.0
+    bytes_done: int = 0
+    total_bytes: int = 0
+    files_done: int = 0
+    total_files: int = 0
+    seconds_remaining: int | None = None
+
+
+class JobRecord(BaseModel):
+    """What both kinds of job share; persisted as JSON."""
+
+    model_config = ConfigDict(validate_assignment=False)
+
+    id: int
+    user: str
+    status: JobStatus = JobStatus.PENDING
+    total_size: int = 0
+    pack_size: int = 0
+    extra: str = ""
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    attempts: int = 0
+    sequence: int = 0
+    """Queue order: pending jobs start in ascending sequence."""
+    pid: int | None = None
+    pid_start: int | None = None
+    """restic's pid and start time while it runs, to end it if the service dies."""
+
+    def move_to(self, status: JobStatus) -> None:
+        """Changes the status; raises TransitionError if the state machine forbids it."""
+        if status not in STATUS_TO_NEXT[self.status]:
+            raise TransitionError(f"{self.status} -> {status}")
+        self.status = status
+        if status is JobStatus.RUNNING:
+            self.started_at = utc_now()
+        if status.is_terminal:
+            self.finished_at = utc_now()
+        if status is not JobStatus.RUNNING:
+            self.pid = self.pid_start = None
+
+
+class BackupRecord(JobRecord):
+    path: str
+    snapshot_id: str | None = None
+
+
+class RestoreRecord(JobRecord):
+    backup_id: int
+    dst_path: str
+    snapshot_id: str
+    """The snapshot restored, copied from the backup so a later delete cannot change it."""
+
+
+class ForgetRecord(BaseModel):
+    """A snapshot to forget in the repository, queued durably by a delete."""
+
+    snapshot_id: str
+    backup_id: int
+    user: str
+    queued_at: datetime

@@ -1,0 +1,673 @@
+"""The job layer's face to the API: accepts, tracks, cancels and deletes jobs.
+
+Records live in memory and every change is written to the state store before a
+request is answered. Progress is kept in memory only and persisted with the
+status changes, not with every restic status line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from fa_restic.jobs import maintenance
+from fa_restic.jobs.backup import BackupOutcome, run_backup
+from fa_restic.jobs.errors import JobConflict, UnknownJob
+from fa_restic.jobs.models import (
+    BackupRecord,
+    ForgetRecord,
+    JobKind,
+    JobRecord,
+    JobStatus,
+    Progress,
+    RestoreRecord,
+    utc_now,
+)
+from fa_restic.jobs.restore import make_folder, run_restore
+from fa_restic.jobs.retry import retry_transient
+from fa_restic.jobs.scheduler import ExclusiveWork, JobKey, Scheduler
+from fa_restic.metrics import Metrics
+from fa_restic.restic import runner
+from fa_restic.restic.client import Restic
+from fa_restic.restic.errors import ErrorKind, ResticError
+from fa_restic.store import Delete, Operation, Put, StateStore
+
+log = logging.getLogger("fa_restic.jobs")
+
+StopReason = Literal["cancel", "shutdown"]
+Outcome = Literal["ok", "failed", "no-repository"]
+META_KEY = "maintenance"
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    max_running: int = 2
+    max_attempts: int = 2
+    lock_wait_seconds: float = 120.0
+    prune_interval_seconds: float = 3600.0
+    local_repository: Path | None = None
+    """The repository's folder when it is on this machine (destroy removes it)."""
+
+
+@dataclass(frozen=True)
+class Caller:
+    user: str
+    admin: bool = False
+
+    def may_see(self, record: JobRecord) -> bool:
+        return self.admin or record.user == self.user
+
+
+@dataclass
+class _Stop:
+    reason: StopReason
+    by: str = ""
+
+
+@dataclass
+class Health:
+    pending: int
+    running: int
+    maintenance: str | None
+
+
+@dataclass
+class _Meta:
+    destroyed: bool = False
+    state: maintenance.MaintenanceState = field(default_factory=maintenance.MaintenanceState)
+
+
+def _record_ops(record: JobRecord) -> Put:
+    kind = "backup" if isinstance(record, BackupRecord) else "restore"
+    return Put(kind, str(record.id), record.model_dump(mode="json"))
+
+
+class JobService:
+    """Backups, restores and the repository's upkeep, for the API."""
+
+    def __init__(
+        self, options: JobOptions, store: StateStore, restic: Restic, metrics: Metrics
+    ) -> None:
+        self.options = options
+        self.store = store
+        self.restic = restic
+        self.metrics = metrics
+        self.backups: dict[int, BackupRecord] = {}
+        self.restores: dict[int, RestoreRecord] = {}
+        self.forgets: dict[str, ForgetRecord] = {}
+        self._progress: dict[JobKey, Progress] = {}
+        self._stops: dict[JobKey, _Stop] = {}
+        self._meta = _Meta()
+        self._sequence = 0
+        self._repository_ready = False
+        self._repository_lock = asyncio.Lock()
+        self._destroying = False
+        self._stopping = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.scheduler = Scheduler(options.max_running, self._run_job, self._pick_maintenance)
+
+    # -- start and stop -------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Loads the records, scrubs what a dead predecessor left, starts the scheduler.
+
+        Raises StateError when the state file cannot be read.
+        """
+        collections = await asyncio.to_thread(self.store.load)
+        self.backups = {
+            int(key): BackupRecord.model_validate(value)
+            for key, value in collections.get("backup", {}).items()
+        }
+        self.restores = {
+            int(key): RestoreRecord.model_validate(value)
+            for key, value in collections.get("restore", {}).items()
+        }
+        self.forgets = {
+            key: ForgetRecord.model_validate(value)
+            for key, value in collections.get("forget", {}).items()
+        }
+        meta = collections.get("meta", {}).get(META_KEY)
+        if meta is not None:
+            self._meta.destroyed = bool(meta.get("destroyed", False))
+            self._meta.state.prune_wanted = bool(meta.get("prune_wanted", False))
+        records: list[JobRecord] = [*self.backups.values(), *self.restores.values()]
+        self._sequence = max((record.sequence for record in records), default=0)
+        await self.store.write(self._scrub(records))
+        for record in sorted(records, key=lambda record: record.sequence):
+            if record.status is JobStatus.PENDING:
+                self.scheduler.enqueue(self._key(record), record.sequence)
+        self.metrics.bind(self)
+        self.scheduler.start()
+        if not self._meta.destroyed:
+            self._background(self._ensure_repository(), "initialise the repository")
+
+    def _background(self, work: Awaitable[None], what: str) -> None:
+        async def guarded() -> None:
+            try:
+                await work
+            except ResticError as error:
+                log.error("could not %s: %s", what, error)
+
+        task = asyncio.create_task(guarded())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _scrub(self, records: Iterable[JobRecord]) -> list[Operation]:
+        """Ends what the last run left running: ends its restic, runs the job again or fails it."""
+        changes: list[Operation] = []
+        for record in records:
+            if record.status is not JobStatus.RUNNING:
+                continue
+            if record.pid is not None and runner.kill_leftover(record.pid, record.pid_start):
+                log.warning(
+                    "%s %d: ended restic pid %d left by the last run",
+                    *self._key(record),
+                    record.pid,
+                )
+            if record.attempts < self.options.max_attempts:
+                record.move_to(JobStatus.PENDING)
+                record.extra = (
+                    f"interrupted (attempt {record.attempts} of {self.options.max_attempts}); "
+                    "runs again"
+                )
+            else:
+                record.move_to(JobStatus.FAILED)
+                record.extra = (
+                    f"interrupted: the service stopped during attempt {record.attempts} of "
+                    f"{self.options.max_attempts}; not tried again"
+                )
+            log.info("%s %d: found running at start -> %s", *self._key(record), record.status)
+            changes.append(_record_ops(record))
+        return changes
+
+    async def stop(self) -> None:
+        """Interrupts running work (SIGINT); interrupted jobs run again after a restart."""
+        self._stopping = True
+        await self.scheduler.stop()
+        tasks = []
+        for key in list(self._running_keys()):
+            task = self.scheduler.task_of(key)
+            if task is not None:
+                self._stops[key] = _Stop("shutdown")
+                task.cancel()
+                tasks.append(task)
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.scheduler.stop_exclusive()
+        await asyncio.to_thread(self.store.close)
+
+    # -- records ------------------------------------------------------------------------
+
+    @staticmethod
+    def _key(record: JobRecord) -> JobKey:
+        return ("backup" if isinstance(record, BackupRecord) else "restore", record.id)
+
+    def _running_keys(self) -> Iterable[JobKey]:
+        for backup in self.backups.values():
+            if backup.status is JobStatus.RUNNING:
+                yield ("backup", backup.id)
+        for restore in self.restores.values():
+            if restore.status is JobStatus.RUNNING:
+                yield ("restore", restore.id)
+
+    def _next_sequence(self) -> int:
+        self._sequence += 1
+        return self._sequence
+
+    def progress(self, kind: str, record: JobRecord) -> Progress:
+        """Returns live progress of a running job, or what its status implies."""
+        live = self._progress.get((kind, record.id))
+        if live is not None:
+            return live
+        if record.status is JobStatus.SUCCESS:
+            return Progress(
+                percent_done=1.0, bytes_done=record.total_size, total_bytes=record.total_size
+            )
+        return Progress()
+
+    def get_backup(self, caller: Caller, backup_id: int) -> BackupRecord:
+        """Returns a backup the caller may see; raises UnknownJob."""
+        record = self.backups.get(backup_id)
+        if record is None or not caller.may_see(record):
+            raise UnknownJob(f"no such record [ {backup_id} ]")
+        return record
+
+    def get_restore(self, caller: Caller, restore_id: int) -> RestoreRecord:
+        """Returns a restore the caller may see; raises UnknownJob."""
+        record = self.restores.get(restore_id)
+        if record is None or not caller.may_see(record):
+            raise UnknownJob(f"no such record [ {restore_id} ]")
+        return record
+
+    def _refuse_while_destroying(self) -> None:
+        if self._destroying or self._stopping:
+            raise JobConflict("the repository is being destroyed or the service is stopping")
+
+    async def submit_backup(self, caller: Caller, backup_id: int, path: Path) -> BackupRecord:
+        """Records a backup durably and queues it; raises JobConflict if the id is in use."""
+        self._refuse_while_destroying()
+        existing = self.backups.get(backup_id)
+        if existing is not None and (
+            existing.status.is_active or existing.status is JobStatus.SUCCESS
+        ):
+            raise JobConflict(f"backup id {backup_id} is in use ({existing.status})")
+        record = BackupRecord(
+            id=backup_id,
+            user=caller.user,
+            path=str(path),
+            created_at=utc_now(),
+            sequence=self._next_sequence(),
+        )
+        self.backups[backup_id] = record
+        self._progress.pop(("backup", backup_id), None)
+        await self.store.write([_record_ops(record)])
+        log.info("backup %d: accepted from %s for %s", backup_id, caller.user, path)
+        self.scheduler.enqueue(("backup", backup_id), record.sequence)
+        return record
+
+    async def submit_restore(
+        self, caller: Caller, restore_id: int, backup_id: int, target: Path
+    ) -> RestoreRecord:
+        """Records a restore durably and queues it; raises UnknownJob or JobConflict."""
+        self._refuse_while_destroying()
+        backup = self.backups.get(backup_id)
+        if backup is None or not caller.may_see(backup):
+            raise UnknownJob(f"no such backup [ {backup_id} ]")
+        if backup.status is not JobStatus.SUCCESS or backup.snapshot_id is None:
+            raise JobConflict(f"backup {backup_id} is {backup.status}, not success")
+        existing = self.restores.get(restore_id)
+        if existing is not None:
+            if existing.status.is_active:
+                raise JobConflict(f"restore id {restore_id} is in use ({existing.status})")
+            if not caller.may_see(existing):
+                raise JobConflict(f"restore id {restore_id} is in use")
+        record = RestoreRecord(
+            id=restore_id,
+            user=caller.user,
+            backup_id=backup_id,
+            dst_path=str(target),
+            snapshot_id=backup.snapshot_id,
+            created_at=utc_now(),
+            sequence=self._next_sequence(),
+        )
+        self.restores[restore_id] = record
+        self._progress.pop(("restore", restore_id), None)
+        await self.store.write([_record_ops(record)])
+        log.info(
+            "restore %d: accepted from %s, backup %d into %s",
+            restore_id,
+            caller.user,
+            backup_id,
+            target,
+        )
+        self.scheduler.enqueue(("restore", restore_id), record.sequence)
+        return record
+
+    # -- cancel and delete ------------------------------------------------------------
+
+    def _records(self, kind: JobKind) -> dict[int, BackupRecord] | dict[int, RestoreRecord]:
+        return self.backups if kind is JobKind.BACKUP else self.restores
+
+    async def cancel(self, caller: Caller, kind: JobKind, job_id: int) -> JobRecord:
+        """Cancels a pending or running job and returns it once it is `cancel`.
+
+        Raises UnknownJob, or JobConflict when the job finished otherwise.
+        """
+        record = self._records(kind).get(job_id)
+        if record is None or not caller.may_see(record):
+            raise UnknownJob(f"no such record [ {job_id} ]")
+        if record.status is JobStatus.CANCEL:
+            return record
+        if record.status.is_terminal:
+            raise JobConflict(f"{kind} {job_id} already ended ({record.status})")
+        await self._cancel(record, caller.user)
+        final = JobStatus(record.status)  # changed by the job's task meanwhile
+        if final is not JobStatus.CANCEL:
+            raise JobConflict(
+                f"{kind} {job_id} ended ({record.status}) before it could be cancelled"
+            )
+        return record
+
+    async def cancel_all(self, caller: Caller, kind: JobKind) -> list[int]:
+        """Cancels every pending or running job of the caller (an admin: of everyone)."""
+        records = [
+            record
+            for record in self._records(kind).values()
+            if record.status.is_active and caller.may_see(record)
+        ]
+        await asyncio.gather(*(self._cancel(record, caller.user) for record in records))
+        return sorted(record.id for record in records if record.status is JobStatus.CANCEL)
+
+    async def _cancel(self, record: JobRecord, by: str) -> None:
+        key = self._key(record)
+        if record.status is JobStatus.PENDING and self.scheduler.dequeue(key):
+            record.move_to(JobStatus.CANCEL)
+            record.extra = f"cancelled by {by} before it started"
+            await self.store.write([_record_ops(record)])
+            self._finished(key[0], record)
+            return
+        task = self.scheduler.task_of(key)
+        if task is None:
+            return
+        self._stops[key] = _Stop("cancel", by)
+        task.cancel()
+        # Wait for restic to be gone and the record to be written before answering.
+        await asyncio.gather(task, return_exceptions=True)
+
+    async def delete_backup(self, caller: Caller, backup_id: int) -> None:
+        """Drops a finished backup's record now and queues its snapshot's forget durably.
+
+        Raises UnknownJob, or JobConflict while it is pending or running.
+        """
+        record = self.backups.get(backup_id)
+        if record is None or not caller.may_see(record):
+            raise UnknownJob(f"no such record [ {backup_id} ]")
+        if record.status.is_active:
+            raise JobConflict(f"backup {backup_id} is {record.status}: cancel it first")
+        operations: list[Operation] = [Delete("backup", str(backup_id))]
+        if record.snapshot_id is not None:
+            forget = ForgetRecord(
+                snapshot_id=record.snapshot_id,
+                backup_id=backup_id,
+                user=record.user,
+                queued_at=utc_now(),
+            )
+            self.forgets[forget.snapshot_id] = forget
+            operations.append(Put("forget", forget.snapshot_id, forget.model_dump(mode="json")))
+        del self.backups[backup_id]
+        self._progress.pop(("backup", backup_id), None)
+        await self.store.write(operations)
+        log.info("backup %d: deleted by %s; forget of its snapshot queued", backup_id, caller.user)
+        self._meta.state.succeeded()
+        self.scheduler.wake()
+
+    # -- destroy ----------------------------------------------------------------------
+
+    @property
+    def destroyed(self) -> bool:
+        return self._meta.destroyed
+
+    async def destroy_repository(self, caller: Caller) -> dict[str, Any]:
+        """Cancels every job, removes the repository's data, drops every backup record.
+
+        Returns what was done; raises ResticError when a remote repository could not be emptied.
+        """
+        self._refuse_while_destroying()
+        self._destroying = True
+        try:
+            for kind in (JobKind.BACKUP, JobKind.RESTORE):
+                await self.cancel_all(Caller(caller.user, admin=True), kind)
+            report: maintenance.DestroyReport | None = None
+
+            async def work() -> None:
+                nonlocal report
+                report = await maintenance.destroy(
+                    self.restic,
+                    self.options.local_repository,
+                    self.options.lock_wait_seconds,
+                    lambda phase: log.info("destroy: %s", phase),
+                )
+
+            await self.scheduler.exclusive(ExclusiveWork("destroy", work))
+            assert report is not None
+            dropped = len(self.backups)
+            operations: list[Operation] = [Delete("backup", str(key)) for key in self.backups]
+            operations += [Delete("forget", key) for key in self.forgets]
+            self.backups.clear()
+            self.forgets.clear()
+            self._meta.destroyed = True
+            self._meta.state.prune_wanted = False
+            self._repository_ready = False
+            operations.append(self._meta_op())
+            await self.store.write(operations)
+            log.warning(
+                "repository destroyed by %s: %s; %d backup records dropped",
+                caller.user,
+                report.method,
+                dropped,
+            )
+            return {
+                "destroyed": True,
+                "method": report.method,
+                "snapshots_removed": report.snapshots_removed,
+                "backup_records_dropped": dropped,
+            }
+        finally:
+            self._destroying = False
+
+    def _meta_op(self) -> Put:
+        state = self._meta.state
+        return Put(
+            "meta",
+            META_KEY,
+            {"destroyed": self._meta.destroyed, "prune_wanted": state.prune_wanted},
+        )
+
+    async def _ensure_repository(self) -> None:
+        async with self._repository_lock:
+            if self._repository_ready:
+                return
+            created = await retry_transient(
+                self.restic.ensure_initialised, self.options.lock_wait_seconds, "init"
+            )
+            self._repository_ready = True
+            if created or self._meta.destroyed:
+                self._meta.destroyed = False
+                await self.store.write([self._meta_op()])
+
+    # -- running jobs -----------------------------------------------------------------
+
+    def health(self) -> Health:
+        return Health(
+            pending=self.scheduler.queued_count,
+            running=self.scheduler.running_count,
+            maintenance=self.scheduler.exclusive_name,
+        )
+
+    async def _run_job(self, key: JobKey) -> None:
+        kind, job_id = key
+        record: BackupRecord | RestoreRecord | None = (
+            self.backups.get(job_id) if kind == "backup" else self.restores.get(job_id)
+        )
+        if record is None or record.status is not JobStatus.PENDING:
+            return
+        record.move_to(JobStatus.RUNNING)
+        record.attempts += 1
+        record.extra = ""
+        self._progress[key] = Progress()
+        await self.store.write([_record_ops(record)])
+        log.info("%s %d: started (attempt %d)", kind, job_id, record.attempts)
+        started = time.monotonic()
+
+        async def on_start(pid: int) -> None:
+            assert record is not None
+            record.pid = pid
+            record.pid_start = runner.process_start_ticks(pid)
+            await self.store.write([_record_ops(record)])
+
+        def on_progress(progress: Progress) -> None:
+            assert record is not None
+            self._progress[key] = progress
+            record.total_size = progress.bytes_done
+
+        try:
+            if isinstance(record, BackupRecord):
+                await self._ensure_repository()
+                outcome: BackupOutcome | int = await retry_transient(
+                    lambda: run_backup(
+                        self.restic, job_id, record.user, Path(record.path), on_progress, on_start
+                    ),
+                    self.options.lock_wait_seconds,
+                    f"backup {job_id}",
+                )
+            else:
+                await asyncio.to_thread(
+                    make_folder, Path(record.dst_path), self._home_of(Path(record.dst_path))
+                )
+                result = await retry_transient(
+                    lambda: run_restore(
+                        self.restic,
+                        record.snapshot_id,
+                        Path(record.dst_path),
+                        on_progress,
+                        on_start,
+                    ),
+                    self.options.lock_wait_seconds,
+                    f"restore {job_id}",
+                )
+                outcome = result.bytes_restored
+        except asyncio.CancelledError:
+            await asyncio.shield(self._interrupted(key, record))
+            return
+        except (ResticError, OSError) as error:
+            message = error.message if isinstance(error, ResticError) else str(error)
+            await asyncio.shield(self._end(key, record, JobStatus.FAILED, message))
+            return
+        finally:
+            self.metrics.observe_duration(kind, time.monotonic() - started)
+        if isinstance(record, BackupRecord):
+            assert isinstance(outcome, BackupOutcome)
+            record.snapshot_id = outcome.snapshot_id
+            record.total_size = outcome.total_size
+            record.pack_size = outcome.pack_size
+            extra = outcome.extra
+        else:
+            assert isinstance(outcome, int)
+            record.total_size = outcome
+            record.pack_size = 0
+            extra = ""
+        await asyncio.shield(self._end(key, record, JobStatus.SUCCESS, extra))
+
+    def _home_of(self, path: Path) -> Path:
+        # dst_path is <data_root>/users/<user>/...: the home is the third part from the root.
+        for parent in [path, *path.parents]:
+            if parent.parent.name == "users":
+                return parent
+        return path.parent
+
+    async def _interrupted(self, key: JobKey, record: JobRecord) -> None:
+        stop = self._stops.pop(key, _Stop("shutdown"))
+        if stop.reason == "shutdown":
+            record.move_to(JobStatus.PENDING)
+            record.attempts -= 1  # the service stopped, not the job: this try does not count
+            record.extra = "interrupted by a stop of the service; runs again after the restart"
+            self._progress.pop(key, None)
+            await self.store.write([_record_ops(record)])
+            log.info("%s %d: interrupted by shutdown, will run again", *key)
+            return
+        extra = f"cancelled by {stop.by}"
+        if isinstance(record, RestoreRecord):
+            extra += f"; partially restored files may remain in {record.dst_path}"
+        # An interrupted backup leaves unreferenced data, and a restic that needed
+        # SIGKILL leaves its lock.
+        self._meta.state.prune_wanted = True
+        self._meta.state.unlock_wanted = True
+        await self._end(key, record, JobStatus.CANCEL, extra)
+
+    async def _end(self, key: JobKey, record: JobRecord, status: JobStatus, extra: str) -> None:
+        record.move_to(status)
+        record.extra = extra
+        self._progress.pop(key, None)
+        await self.store.write([_record_ops(record), self._meta_op()])
+        self._finished(key[0], record)
+        seconds = (
+            (record.finished_at - record.started_at).total_seconds()
+            if record.finished_at and record.started_at
+            else 0.0
+        )
+        log.info(
+            "%s %d: %s for %s after %.1fs (total_size=%d pack_size=%d)%s",
+            key[0],
+            record.id,
+            status,
+            record.user,
+            seconds,
+            record.total_size,
+            record.pack_size,
+            f": {extra}" if extra else "",
+        )
+
+    def _finished(self, kind: str, record: JobRecord) -> None:
+        self.metrics.job_finished(kind, record)
+
+    # -- maintenance ------------------------------------------------------------------
+
+    def _pick_maintenance(self) -> ExclusiveWork | None:
+        if self._stopping or self._destroying:
+            return None
+        state = self._meta.state
+        now = time.monotonic()
+        if now < state.next_try:
+            return None
+        if state.unlock_wanted:
+            return ExclusiveWork("unlock", self._unlock)
+        if self.forgets:
+            return ExclusiveWork("forget", self._forget)
+        interval = self.options.prune_interval_seconds
+        if state.prune_wanted and (state.last_prune == 0.0 or now - state.last_prune >= interval):
+            return ExclusiveWork("prune", self._prune, preemptible=True)
+        return None
+
+    async def _guarded(self, name: str, work: Callable[[], Awaitable[None]]) -> Outcome:
+        """Runs maintenance work; returns how it went, backing off after a failure."""
+        try:
+            await work()
+        except ResticError as error:
+            if error.kind is ErrorKind.REPOSITORY_MISSING:
+                self._meta.state.succeeded()
+                return "no-repository"
+            log.error("maintenance %s failed: %s", name, error)
+            self._meta.state.failed(time.monotonic())
+            return "failed"
+        self._meta.state.succeeded()
+        return "ok"
+
+    async def _unlock(self) -> None:
+        if await self._guarded("unlock", self.restic.unlock) == "ok":
+            log.info("maintenance: stale locks removed (restic unlock)")
+        self._meta.state.unlock_wanted = False
+
+    async def _forget(self) -> None:
+        ids = sorted(self.forgets)
+        gone: list[str] = []
+
+        async def work() -> None:
+            gone.extend(
+                await maintenance.forget_snapshots(self.restic, ids, self.options.lock_wait_seconds)
+            )
+
+        outcome = await self._guarded("forget", work)
+        if outcome == "no-repository":
+            gone = ids  # no repository: nothing left to forget
+        if gone:
+            for snapshot_id in gone:
+                del self.forgets[snapshot_id]
+            self._meta.state.prune_wanted = True
+            await self.store.write([Delete("forget", key) for key in gone] + [self._meta_op()])
+            log.info("maintenance: forgot %d snapshots", len(gone))
+        if outcome == "ok" and len(gone) < len(ids):
+            self._meta.state.failed(time.monotonic())
+
+    async def _prune(self) -> None:
+        started = time.monotonic()
+
+        async def work() -> None:
+            await maintenance.prune(self.restic, self.options.lock_wait_seconds)
+
+        if await self._guarded("prune", work) == "ok":
+            self._meta.state.prune_wanted = False
+            self._meta.state.last_prune = time.monotonic()
+            await self.store.write([self._meta_op()])
+            log.info("maintenance: pruned in %.1fs", time.monotonic() - started)
+
+
+def rfc3339(moment: datetime | None) -> str | None:
+    """Returns an RFC 3339 UTC time with a Z, or None."""
+    if moment is None:
+        return None
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")

@@ -1,0 +1,95 @@
+"""`fa-restic rebuild-state`: backup records rebuilt from the repository's tagged snapshots."""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import UTC, datetime
+
+from fa_restic.api.auth import valid_username
+from fa_restic.config import Settings
+from fa_restic.jobs.models import BackupRecord, JobStatus
+from fa_restic.restic.client import Restic
+from fa_restic.restic.messages import Snapshot
+from fa_restic.store import Put, StateError, StateStore
+from fa_restic.wiring import make_restic
+
+log = logging.getLogger("fa_restic")
+
+
+def _parse_time(text: str) -> datetime:
+    try:
+        # restic writes nanoseconds; Python takes microseconds.
+        head, _, rest = text.partition(".")
+        fraction = "".join(ch for ch in rest if ch.isdigit())[:6]
+        zone = rest[len("".join(ch for ch in rest if ch.isdigit())) :] or "+00:00"
+        zone = "+00:00" if zone == "Z" else zone
+        return datetime.fromisoformat(f"{head}.{fraction or '0'}{zone}").astimezone(UTC)
+    except ValueError:
+        return datetime.now(UTC)
+
+
+async def record_of(restic: Restic, snapshot: Snapshot) -> BackupRecord | None:
+    """Returns the success record a tagged snapshot stands for, or None if it is not ours."""
+    backup_id_text = snapshot.tag_value("fa:id")
+    user = snapshot.tag_value("fa:user")
+    if backup_id_text is None or not backup_id_text.isdigit() or not valid_username(user):
+        return None
+    assert user is not None
+    backup_id = int(backup_id_text)
+    summary = snapshot.summary
+    if summary is not None:  # restic >= 0.17 keeps the backup summary in the snapshot
+        total_size, pack_size = summary.total_bytes_processed, summary.pack_size
+    else:
+        total_size, pack_size = (await restic.stats(snapshot.id)).total_size, 0
+    moment = _parse_time(snapshot.time)
+    return BackupRecord(
+        id=backup_id,
+        user=user,
+        path=snapshot.paths[0] if snapshot.paths else "",
+        status=JobStatus.SUCCESS,
+        total_size=total_size,
+        pack_size=pack_size,
+        snapshot_id=snapshot.id,
+        created_at=moment,
+        started_at=moment,
+        finished_at=moment,
+        attempts=1,
+    )
+
+
+async def rebuild_state(settings: Settings) -> int:
+    """Writes a state file with one success record per tagged snapshot; returns the exit code.
+
+    A state file already there is moved aside (its readable restore records are kept).
+    """
+    restic = await make_restic(settings)
+    snapshots = await restic.snapshots()
+    records: dict[int, BackupRecord] = {}
+    for snapshot in sorted(snapshots, key=lambda snapshot: snapshot.time):
+        record = await record_of(restic, snapshot)
+        if record is not None:
+            records[record.id] = record  # the newest snapshot of an id wins
+    path = settings.paths.state_file
+    restores: dict[str, dict[str, object]] = {}
+    if path.exists() or path.with_name(path.name + ".journal").exists():
+        try:
+            restores = StateStore(path).load().get("restore", {})
+        except StateError as error:
+            log.warning("old state unreadable, restore records not kept: %s", error)
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        for old in (path, path.with_name(path.name + ".journal")):
+            if old.exists():
+                old.rename(old.with_name(f"{old.name}.before-rebuild-{stamp}"))
+                log.warning("moved %s aside", old)
+    store = StateStore(path)
+    store.load()
+    operations = [
+        Put("backup", str(record.id), record.model_dump(mode="json")) for record in records.values()
+    ]
+    operations += [Put("restore", key, value) for key, value in restores.items()]
+    await store.write(operations)
+    store.close()
+    log.info("rebuilt %s: %d backup records from %d snapshots", path, len(records), len(snapshots))
+    print(f"rebuilt {path}: {len(records)} backup records from {len(snapshots)} snapshots")
+    return 0

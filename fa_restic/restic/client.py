@@ -1,0 +1,337 @@
+"""restic's subcommands as async methods that return typed results or raise ResticError."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from fa_restic.restic import commands, runner
+from fa_restic.restic.commands import Argv, Binary, Repository
+from fa_restic.restic.errors import ErrorKind, ResticError, classify, clean_line
+from fa_restic.restic.features import (
+    MINIMUM_VERSION,
+    Feature,
+    ResticVersion,
+    has_feature,
+    parse_version,
+)
+from fa_restic.restic.messages import (
+    BackupStatus,
+    BackupSummary,
+    ItemError,
+    RestoreStatus,
+    RestoreSummary,
+    Snapshot,
+    StatsResult,
+    parse_backup_line,
+    parse_restore_line,
+    parse_snapshots,
+    parse_stats,
+    parse_stderr_line,
+)
+
+log = logging.getLogger("fa_restic.restic")
+
+EXIT_INCOMPLETE = 3
+FULL_ID_LENGTH = 64
+ITEM_ERRORS_KEPT = 5
+
+BackupStatusHandler = Callable[[BackupStatus], None]
+RestoreStatusHandler = Callable[[RestoreStatus], None]
+
+
+@dataclass(frozen=True)
+class BackupResult:
+    summary: BackupSummary
+    snapshot_id: str
+    """restic's full 64-hex id, whatever the version printed."""
+    unreadable_count: int
+    unreadable_examples: tuple[str, ...]
+
+    @property
+    def incomplete(self) -> bool:
+        """True when restic made the snapshot but could not read some items (exit 3)."""
+        return self.unreadable_count > 0
+
+
+@dataclass(frozen=True)
+class RestoreResult:
+    bytes_restored: int
+    files_restored: int
+
+
+async def read_version(binary_path: str) -> ResticVersion:
+    """Returns the version of a restic binary; raises ResticError if it is missing or too old."""
+    try:
+        completed = await runner.run(commands.version_command(binary_path), {})
+    except OSError as error:
+        raise ResticError(ErrorKind.BINARY, f"cannot run {binary_path}: {error.strerror}") from None
+    try:
+        version = parse_version(completed.stdout)
+    except ValueError:
+        raise ResticError(
+            ErrorKind.BINARY, f"{binary_path} is not restic: {clean_line(completed.stdout)}"
+        ) from None
+    if version < MINIMUM_VERSION:
+        raise ResticError(
+            ErrorKind.BINARY,
+            f"restic {version} at {binary_path} is too old: "
+            f"fa-restic needs {MINIMUM_VERSION} or newer",
+        )
+    return version
+
+
+def _tree_bytes(root: Path) -> int:
+    """Returns the bytes of regular files below `root` that are on disk (sparse-aware)."""
+    total = 0
+    for folder, _, files in os.walk(root):
+        for name in files:
+            with contextlib.suppress(OSError):
+                stat = os.lstat(os.path.join(folder, name))
+                total += min(stat.st_size, stat.st_blocks * 512)
+    return total
+
+
+class Restic:
+    """One restic binary bound to one repository."""
+
+    def __init__(
+        self,
+        binary: Binary,
+        repository: Repository,
+        *,
+        progress_fps: float = 1.0,
+        grace_seconds: float = 3.0,
+    ) -> None:
+        self.binary = binary
+        self.repository = repository
+        self._environment = repository.environment(progress_fps)
+        self._grace_seconds = grace_seconds
+
+    @property
+    def version(self) -> ResticVersion:
+        return self.binary.version
+
+    def has(self, feature: Feature) -> bool:
+        """Returns True when this restic has `feature`."""
+        return has_feature(self.binary.version, feature)
+
+    async def _run(
+        self,
+        argv: Argv,
+        *,
+        cwd: Path | None = None,
+        on_stdout: runner.LineHandler | None = None,
+        on_stderr: runner.LineHandler | None = None,
+        on_start: runner.StartHandler | None = None,
+    ) -> runner.Completed:
+        try:
+            return await runner.run(
+                argv,
+                self._environment,
+                cwd=cwd,
+                on_stdout=on_stdout,
+                on_stderr=on_stderr,
+                on_start=on_start,
+                grace_seconds=self._grace_seconds,
+            )
+        except OSError as error:
+            raise ResticError(
+                ErrorKind.BINARY, f"cannot run {argv[0]}: {error.strerror or error}"
+            ) from None
+
+    async def _checked(self, argv: Argv, **options: object) -> runner.Completed:
+        completed = await self._run(argv, **options)  # type: ignore[arg-type]
+        if completed.exit_code != 0:
+            raise classify(completed.exit_code, completed.stderr_tail)
+        return completed
+
+    async def exists(self) -> bool:
+        """Returns True if the repository exists; raises ResticError if it cannot be reached."""
+        try:
+            await self._checked(commands.cat_config_command(self.binary))
+        except ResticError as error:
+            if error.kind is ErrorKind.REPOSITORY_MISSING:
+                return False
+            raise
+        return True
+
+    async def ensure_initialised(self) -> bool:
+        """Creates the repository if it does not exist; returns True if it did."""
+        if await self.exists():
+            return False
+        await self._checked(commands.init_command(self.binary))
+        log.info("initialised restic repository")
+        return True
+
+    async def backup(
+        self,
+        cwd: Path,
+        paths: Sequence[str],
+        tags: Sequence[str],
+        *,
+        on_status: BackupStatusHandler | None = None,
+        on_start: runner.StartHandler | None = None,
+    ) -> BackupResult:
+        """Backs `paths` (relative to `cwd`) up; returns the summary or raises ResticError."""
+        summary: BackupSummary | None = None
+        unreadable: list[str] = []
+        unreadable_count = 0
+
+        def on_stdout(line: str) -> None:
+            nonlocal summary
+            message = parse_backup_line(line)
+            if isinstance(message, BackupSummary):
+                summary = message
+            elif isinstance(message, BackupStatus) and on_status is not None:
+                on_status(message)
+
+        def on_stderr(line: str) -> None:
+            nonlocal unreadable_count
+            message = parse_stderr_line(line)
+            # restic reports an unreadable folder once while scanning and again while archiving.
+            if isinstance(message, ItemError) and message.during != "scan":
+                unreadable_count += 1
+                if len(unreadable) < ITEM_ERRORS_KEPT:
+                    unreadable.append(clean_line(message.text))
+
+        completed = await self._run(
+            commands.backup_command(self.binary, tags, paths),
+            cwd=cwd,
+            on_stdout=on_stdout,
+            on_stderr=on_stderr,
+            on_start=on_start,
+        )
+        if completed.exit_code not in (0, EXIT_INCOMPLETE) or summary is None:
+            if completed.exit_code == 0:
+                raise ResticError(ErrorKind.FATAL, "restic ended without a backup summary", 0)
+            raise classify(completed.exit_code, completed.stderr_tail)
+        if completed.exit_code == EXIT_INCOMPLETE and unreadable_count == 0:
+            unreadable_count = 1  # 0.14 may say only "at least one source file could not be read"
+        snapshot_id = summary.snapshot_id
+        if len(snapshot_id) < FULL_ID_LENGTH:
+            snapshot_id = await self.full_snapshot_id(snapshot_id)
+        return BackupResult(summary, snapshot_id, unreadable_count, tuple(unreadable))
+
+    async def restore(
+        self,
+        snapshot_id: str,
+        target: Path,
+        *,
+        on_status: RestoreStatusHandler | None = None,
+        on_start: runner.StartHandler | None = None,
+    ) -> RestoreResult:
+        """Restores a snapshot's tree into `target`; returns what was restored or raises."""
+        summary: RestoreSummary | None = None
+        last_status: RestoreStatus | None = None
+
+        def on_stdout(line: str) -> None:
+            nonlocal summary, last_status
+            message = parse_restore_line(line)
+            if isinstance(message, RestoreSummary):
+                summary = message
+            elif isinstance(message, RestoreStatus):
+                last_status = message
+                if on_status is not None:
+                    on_status(message)
+
+        watcher: asyncio.Task[None] | None = None
+        if not self.has(Feature.RESTORE_PROGRESS_JSON) and on_status is not None:
+            watcher = asyncio.create_task(self._watch_restore(snapshot_id, target, on_status))
+        try:
+            completed = await self._run(
+                commands.restore_command(self.binary, snapshot_id, target),
+                on_stdout=on_stdout,
+                on_start=on_start,
+            )
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
+        if completed.exit_code != 0:
+            raise classify(completed.exit_code, completed.stderr_tail)
+        if summary is not None:
+            return RestoreResult(summary.bytes_restored, summary.files_restored)
+        # restic < 0.16 prints no summary: measure what landed.
+        stats = await self.stats(snapshot_id)
+        return RestoreResult(stats.total_size, stats.total_file_count)
+
+    async def _watch_restore(
+        self, snapshot_id: str, target: Path, on_status: RestoreStatusHandler
+    ) -> None:
+        """Reports restore progress for restic < 0.16 from the bytes written under `target`."""
+        baseline = await asyncio.to_thread(_tree_bytes, target)
+        try:
+            stats = await self.stats(snapshot_id)
+        except ResticError:
+            return
+        total = max(stats.total_size, 1)
+        loop = asyncio.get_running_loop()
+        while True:
+            started = loop.time()
+            done = max(0, await asyncio.to_thread(_tree_bytes, target) - baseline)
+            done = min(done, stats.total_size)
+            on_status(
+                RestoreStatus(
+                    percent_done=done / total,
+                    total_bytes=stats.total_size,
+                    bytes_restored=done,
+                    total_files=stats.total_file_count,
+                )
+            )
+            # Walking a large tree is not free: poll less often the longer it takes.
+            await asyncio.sleep(max(1.0, 10 * (loop.time() - started)))
+
+    async def snapshots(
+        self, tags: Sequence[str] = (), snapshot_ids: Sequence[str] = ()
+    ) -> list[Snapshot]:
+        """Returns the snapshots having all `tags` (and among `snapshot_ids`, if given)."""
+        completed = await self._checked(commands.snapshots_command(self.binary, tags, snapshot_ids))
+        try:
+            return parse_snapshots(completed.stdout)
+        except ValueError as error:
+            raise ResticError(ErrorKind.FATAL, f"unreadable snapshots list: {error}") from None
+
+    async def full_snapshot_id(self, short_id: str) -> str:
+        """Returns the full id of a snapshot given by a unique prefix."""
+        found = await self.snapshots(snapshot_ids=[short_id])
+        if len(found) != 1:
+            raise ResticError(ErrorKind.FATAL, f"snapshot {short_id} not found after backup")
+        return found[0].id
+
+    async def stats(self, snapshot_id: str) -> StatsResult:
+        """Returns the restore size of a snapshot."""
+        completed = await self._checked(commands.stats_command(self.binary, snapshot_id))
+        try:
+            return parse_stats(completed.stdout)
+        except ValueError as error:
+            raise ResticError(ErrorKind.FATAL, f"unreadable stats: {error}") from None
+
+    async def forget(self, snapshot_ids: Sequence[str], lock_wait: float = 0) -> None:
+        """Forgets snapshots by id (restic exits 0 even for unknown ids: check afterwards)."""
+        await self._checked(commands.forget_command(self.binary, snapshot_ids, lock_wait))
+
+    async def prune(
+        self, lock_wait: float = 0, on_start: runner.StartHandler | None = None
+    ) -> None:
+        """Removes data no snapshot references."""
+        await self._checked(commands.prune_command(self.binary, lock_wait), on_start=on_start)
+
+    async def unlock(self) -> None:
+        """Removes stale locks (plain `unlock`: a live process's lock stays)."""
+        await self._checked(commands.unlock_command(self.binary))
+
+    async def lock_ids(self) -> list[str]:
+        """Returns the ids of the lock files in the repository."""
+        completed = await self._checked(commands.list_locks_command(self.binary))
+        return [line.strip() for line in completed.stdout.splitlines() if line.strip()]
+
+    async def check(self) -> None:
+        """Runs `restic check`; raises ResticError when it finds a problem."""
+        await self._checked(commands.check_command(self.binary))

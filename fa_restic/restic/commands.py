@@ -1,0 +1,117 @@
+"""Pure argv builders, one per restic subcommand.
+
+Secrets (password, repository URL with credentials, backend keys) never appear
+here: they travel in the environment (see `Repository.environment`). User paths
+always come after `--`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fa_restic.restic.features import Feature, ResticVersion, has_feature
+
+Argv = tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Repository:
+    """How to reach one restic repository."""
+
+    url: str
+    password_file: Path | None = None
+    password_command: str | None = None
+    env: Mapping[str, str] = field(default_factory=dict)
+
+    def environment(self, progress_fps: float) -> dict[str, str]:
+        """Returns the environment restic needs for this repository (secrets live only here)."""
+        environment = dict(self.env)
+        environment["RESTIC_REPOSITORY"] = self.url
+        if self.password_file is not None:
+            environment["RESTIC_PASSWORD_FILE"] = str(self.password_file)
+        if self.password_command is not None:
+            environment["RESTIC_PASSWORD_COMMAND"] = self.password_command
+        # restic prints ~60 JSON status lines a second by default, even on a pipe.
+        environment["RESTIC_PROGRESS_FPS"] = f"{progress_fps:g}"
+        return environment
+
+
+@dataclass(frozen=True)
+class Binary:
+    """The restic executable, its version and its cache folder."""
+
+    path: str
+    version: ResticVersion
+    cache_dir: Path
+
+    def base(self, *subcommand: str) -> Argv:
+        """Returns the argv prefix for a subcommand."""
+        return (self.path, "--cache-dir", str(self.cache_dir), *subcommand)
+
+    def retry_lock(self, seconds: float) -> Argv:
+        """Returns `--retry-lock` where restic has it (>= 0.16), else nothing."""
+        if seconds <= 0 or not has_feature(self.version, Feature.RETRY_LOCK):
+            return ()
+        return ("--retry-lock", f"{max(1, round(seconds))}s")
+
+
+def version_command(binary: str) -> Argv:
+    return (binary, "version")
+
+
+def init_command(binary: Binary) -> Argv:
+    return binary.base("init")
+
+
+def cat_config_command(binary: Binary) -> Argv:
+    return (*binary.base("cat", "config"), "--no-lock")
+
+
+def backup_command(binary: Binary, tags: Iterable[str], paths: Iterable[str]) -> Argv:
+    """Returns `restic backup --json --tag T... -- PATH...`; tags must not contain commas."""
+    tag_arguments: list[str] = []
+    for tag in tags:
+        if "," in tag:
+            raise ValueError(f"restic splits tags at commas: {tag!r}")
+        tag_arguments += ["--tag", tag]
+    return (*binary.base("backup", "--json"), *tag_arguments, "--", *paths)
+
+
+def restore_command(binary: Binary, snapshot_id: str, target: Path) -> Argv:
+    return (*binary.base("restore", "--json", "--target", str(target)), "--", snapshot_id)
+
+
+def snapshots_command(
+    binary: Binary, tags: Iterable[str] = (), snapshot_ids: Iterable[str] = ()
+) -> Argv:
+    """Returns `restic snapshots --json`; several tags are ANDed (restic's `--tag a,b`)."""
+    tags = tuple(tags)
+    tag_arguments = ("--tag", ",".join(tags)) if tags else ()
+    return (*binary.base("snapshots", "--json"), *tag_arguments, "--", *snapshot_ids)
+
+
+def stats_command(binary: Binary, snapshot_id: str) -> Argv:
+    return (*binary.base("stats", "--json", "--mode", "restore-size"), "--", snapshot_id)
+
+
+def forget_command(binary: Binary, snapshot_ids: Iterable[str], lock_wait: float = 0) -> Argv:
+    return (*binary.base("forget"), *binary.retry_lock(lock_wait), "--", *snapshot_ids)
+
+
+def prune_command(binary: Binary, lock_wait: float = 0) -> Argv:
+    return (*binary.base("prune"), *binary.retry_lock(lock_wait))
+
+
+def unlock_command(binary: Binary) -> Argv:
+    """Returns plain `restic unlock`: it removes stale locks only, never a live one."""
+    return binary.base("unlock")
+
+
+def list_locks_command(binary: Binary) -> Argv:
+    return (*binary.base("list", "locks"), "--no-lock")
+
+
+def check_command(binary: Binary) -> Argv:
+    return binary.base("check")

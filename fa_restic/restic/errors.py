@@ -1,0 +1,108 @@
+"""restic's failures, classified: 0.18's exit codes and exit_error lines first, 0.14's text last."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from enum import Enum
+
+from fa_restic.restic.messages import ExitError, parse_stderr_line
+
+
+class ErrorKind(Enum):
+    FATAL = "fatal"
+    REPOSITORY_MISSING = "repository does not exist"
+    LOCKED = "repository is locked"
+    WRONG_PASSWORD = "wrong password"  # noqa: S105 - a label, not a password
+    BACKEND = "backend unreachable"
+    INTERRUPTED = "interrupted"
+    NO_SPACE = "no space left"
+    BINARY = "restic could not be run"
+
+    @property
+    def is_transient(self) -> bool:
+        """True for failures that may pass when tried again later."""
+        return self in (ErrorKind.LOCKED, ErrorKind.BACKEND)
+
+
+EXIT_CODE_TO_KIND: dict[int, ErrorKind] = {
+    10: ErrorKind.REPOSITORY_MISSING,
+    11: ErrorKind.LOCKED,
+    12: ErrorKind.WRONG_PASSWORD,
+    130: ErrorKind.INTERRUPTED,
+}
+
+# Checked in order: a backend that is down also prints "Is there a repository...".
+TEXT_TO_KIND: tuple[tuple[str, ErrorKind], ...] = (
+    ("no space left on device", ErrorKind.NO_SPACE),
+    ("connection refused", ErrorKind.BACKEND),
+    ("no such host", ErrorKind.BACKEND),
+    ("i/o timeout", ErrorKind.BACKEND),
+    ("connection reset", ErrorKind.BACKEND),
+    ("unexpected HTTP response (5", ErrorKind.BACKEND),
+    ("already locked", ErrorKind.LOCKED),
+    ("wrong password", ErrorKind.WRONG_PASSWORD),
+    ("Is there a repository at the following location", ErrorKind.REPOSITORY_MISSING),
+    ("repository does not exist", ErrorKind.REPOSITORY_MISSING),
+    ("context canceled", ErrorKind.INTERRUPTED),
+)
+
+MESSAGE_LIMIT = 400
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+class ResticError(Exception):
+    """restic ended with an error; `message` is one human line, never a secret."""
+
+    def __init__(self, kind: ErrorKind, message: str, exit_code: int | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+        self.exit_code = exit_code
+
+
+def clean_line(text: str) -> str:
+    """Returns `text` without ANSI escapes, on one line, capped at MESSAGE_LIMIT characters."""
+    text = _ANSI.sub("", text)
+    text = " ".join(part.strip() for part in text.splitlines() if part.strip())
+    return text if len(text) <= MESSAGE_LIMIT else text[: MESSAGE_LIMIT - 1] + "…"
+
+
+def _first_line(text: str) -> str:
+    for line in _ANSI.sub("", text).splitlines():
+        if line.strip():
+            return line.strip()
+    return ""
+
+
+def _kind_from_text(text: str) -> ErrorKind | None:
+    lowered = text.lower()
+    for needle, kind in TEXT_TO_KIND:
+        if needle.lower() in lowered:
+            return kind
+    return None
+
+
+def classify(exit_code: int, stderr_tail: Iterable[str]) -> ResticError:
+    """Returns the error that an exit code and the last stderr lines describe."""
+    lines = [line for line in stderr_tail if line.strip()]
+    exit_error: ExitError | None = None
+    for line in reversed(lines):
+        message = parse_stderr_line(line)
+        if isinstance(message, ExitError):
+            exit_error = message
+            break
+    text = exit_error.message if exit_error else "\n".join(_ANSI.sub("", line) for line in lines)
+    kind = _kind_from_text(text) or EXIT_CODE_TO_KIND.get(exit_code) or ErrorKind.FATAL
+    if exit_error is not None:
+        summary = _first_line(exit_error.message)
+    else:
+        plain = [line for line in lines if parse_stderr_line(line) is None]
+        fatal = [line for line in plain if "Fatal:" in line or "unable to" in line]
+        summary = _first_line(fatal[-1] if fatal else (plain[-1] if plain else ""))
+    if kind is ErrorKind.LOCKED:
+        # restic's own first line names the lock holder; keep it, not the hint lines.
+        locked = [line for line in text.splitlines() if "locked" in line]
+        summary = _first_line(locked[0]) if locked else summary
+    summary = summary.removeprefix("Fatal: ").strip() or f"restic exited with code {exit_code}"
+    return ResticError(kind, clean_line(summary), exit_code)

@@ -1,0 +1,191 @@
+"""restic's JSON output, typed at the boundary.
+
+restic omits every field that is zero or empty, prints plain text between JSON
+lines (0.14 often ignores --json), and 0.14 has no restore JSON at all, so every
+field has a default and unparseable lines are skipped.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class BackupStatus(_Message):
+    percent_done: float = 0.0
+    total_files: int = 0
+    files_done: int = 0
+    total_bytes: int = 0
+    bytes_done: int = 0
+    seconds_elapsed: int = 0
+    seconds_remaining: int | None = None
+    error_count: int = 0
+
+
+class BackupSummary(_Message):
+    snapshot_id: str
+    files_new: int = 0
+    files_changed: int = 0
+    files_unmodified: int = 0
+    dirs_new: int = 0
+    data_added: int = 0
+    data_added_packed: int | None = None
+    total_files_processed: int = 0
+    total_bytes_processed: int = 0
+    total_duration: float = 0.0
+
+    @property
+    def pack_size(self) -> int:
+        """Bytes added to the repository: packed where restic tells it (>= 0.17)."""
+        return self.data_added if self.data_added_packed is None else self.data_added_packed
+
+
+class RestoreStatus(_Message):
+    percent_done: float = 0.0
+    total_files: int = 0
+    files_restored: int = 0
+    total_bytes: int = 0
+    bytes_restored: int = 0
+    seconds_elapsed: int = 0
+    seconds_remaining: int | None = None
+
+
+class RestoreSummary(RestoreStatus):
+    files_skipped: int = 0
+    bytes_skipped: int = 0
+
+
+class ItemError(_Message):
+    """A file restic could not read (stderr, during backup)."""
+
+    error: dict[str, Any] = Field(default_factory=dict)
+    during: str = ""
+    item: str = ""
+
+    @property
+    def text(self) -> str:
+        """Returns restic's reason, or the item alone when 0.14 gave an empty error."""
+        message = self.error.get("message")
+        if isinstance(message, str) and message:
+            return message
+        return self.item
+
+
+class ExitError(_Message):
+    """0.18's last stderr line with --json: the exit code and the fatal message."""
+
+    code: int
+    message: str = ""
+
+
+class Snapshot(_Message):
+    id: str
+    short_id: str = ""
+    time: str = ""
+    paths: list[str] = Field(default_factory=list)
+    tags: list[str] | None = None
+    hostname: str = ""
+    summary: BackupSummary | None = None
+
+    def tag_value(self, key: str) -> str | None:
+        """Returns the value of the first tag `key=value`, or None."""
+        prefix = f"{key}="
+        for tag in self.tags or ():
+            if tag.startswith(prefix):
+                return tag[len(prefix) :]
+        return None
+
+
+class StatsResult(_Message):
+    total_size: int = 0
+    total_file_count: int = 0
+
+
+BackupMessage = BackupStatus | BackupSummary
+RestoreMessage = RestoreStatus | RestoreSummary
+StderrMessage = ItemError | ExitError
+
+
+def _decode(line: str) -> dict[str, Any] | None:
+    line = line.strip()
+    if not line.startswith("{"):
+        return None
+    try:
+        value = json.loads(line)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def parse_backup_line(line: str) -> BackupMessage | None:
+    """Returns the status or summary on a `backup --json` stdout line, None for anything else."""
+    data = _decode(line)
+    if data is None:
+        return None
+    try:
+        match data.get("message_type"):
+            case "status":
+                return BackupStatus.model_validate(data)
+            case "summary":
+                return BackupSummary.model_validate(data)
+    except ValidationError:
+        return None
+    return None
+
+
+def parse_restore_line(line: str) -> RestoreMessage | None:
+    """Returns the status or summary on a `restore --json` stdout line, None for anything else."""
+    data = _decode(line)
+    if data is None:
+        return None
+    try:
+        match data.get("message_type"):
+            case "status":
+                return RestoreStatus.model_validate(data)
+            case "summary":
+                return RestoreSummary.model_validate(data)
+    except ValidationError:
+        return None
+    return None
+
+
+def parse_stderr_line(line: str) -> StderrMessage | None:
+    """Returns the item error or exit error on a stderr line, None for plain text."""
+    data = _decode(line)
+    if data is None:
+        return None
+    try:
+        match data.get("message_type"):
+            case "error":
+                return ItemError.model_validate(data)
+            case "exit_error":
+                return ExitError.model_validate(data)
+    except ValidationError:
+        return None
+    return None
+
+
+def parse_snapshots(output: str) -> list[Snapshot]:
+    """Returns the snapshots of `snapshots --json`; raises ValueError if it is not a JSON list."""
+    for line in output.splitlines():
+        if line.startswith("["):
+            value = json.loads(line)
+            if not isinstance(value, list):
+                break
+            return [Snapshot.model_validate(item) for item in value]
+    raise ValueError("no JSON list in `snapshots --json` output")
+
+
+def parse_stats(output: str) -> StatsResult:
+    """Returns the sizes of `stats --json`; raises ValueError if there is no JSON object."""
+    for line in output.splitlines():
+        data = _decode(line)
+        if data is not None:
+            return StatsResult.model_validate(data)
+    raise ValueError("no JSON object in `stats --json` output")

@@ -1,0 +1,88 @@
+"""`fa-restic serve`: the HTTP service, stopped cleanly by SIGTERM or SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import warnings
+
+import jwt
+from aiohttp import web
+
+from fa_restic.api.app import make_app
+from fa_restic.api.auth import Authenticator
+from fa_restic.config import Settings
+from fa_restic.jobs.service import JobOptions, JobService
+from fa_restic.metrics import Metrics
+from fa_restic.store import StateStore
+from fa_restic.wiring import local_repository_path, make_restic
+
+log = logging.getLogger("fa_restic")
+
+EXAMPLE_SECRET = "change-me"  # noqa: S105 - the example config's value, detected to warn
+DEMO_USER = "demo"
+
+
+async def build_app(settings: Settings) -> web.Application:
+    """Returns the application for `settings`; raises ResticError if restic is unusable."""
+    restic = await make_restic(settings)
+    settings.paths.data_root.mkdir(parents=True, exist_ok=True)
+    options = JobOptions(
+        max_running=settings.jobs.max_running,
+        max_attempts=settings.jobs.max_attempts,
+        lock_wait_seconds=settings.jobs.lock_wait_seconds,
+        prune_interval_seconds=settings.maintenance.prune_interval_seconds,
+        local_repository=local_repository_path(settings),
+    )
+    service = JobService(
+        options, StateStore(settings.paths.state_file), restic, Metrics(str(restic.version))
+    )
+    return make_app(service, Authenticator(settings.auth), settings.paths.data_root)
+
+
+def _demo_hint(settings: Settings) -> None:
+    """With the example secret, prepares a demo home and prints a curl that works."""
+    if settings.auth.jwt_secret != EXAMPLE_SECRET:
+        return
+    folder = settings.paths.data_root / "users" / DEMO_USER / "docs"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "hello.txt").write_text("hello from fa-restic\n", encoding="utf-8")
+    with warnings.catch_warnings():  # the example secret is short; the log already says so
+        warnings.simplefilter("ignore")
+        token = jwt.encode(
+            {"username": DEMO_USER, "exp": int(time.time()) + 86400}, EXAMPLE_SECRET, "HS256"
+        )
+    base = f"http://{settings.server.host}:{settings.server.port}/fa/api/v0"
+    log.warning(
+        "auth.jwt_secret is the example value %r: change it before real use", EXAMPLE_SECRET
+    )
+    # A demo token on stdout, never in the log: only the example secret produces it.
+    print(
+        f"Try it (demo user {DEMO_USER!r}, token valid 24 h):\n"
+        f"  TOKEN={token}\n"
+        f'  curl -s -H "Authorization: Bearer $TOKEN" \\\n'
+        f'       -d \'{{"id": 1, "path": "docs"}}\' {base}/backup\n'
+        f'  curl -s -H "Authorization: Bearer $TOKEN" {base}/backup/1',
+        flush=True,
+    )
+
+
+def serve(settings: Settings) -> int:
+    """Serves until SIGTERM/SIGINT; returns the exit code."""
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    application = loop.run_until_complete(build_app(settings))
+    _demo_hint(settings)
+    log.info("listening on %s:%d", settings.server.host, settings.server.port)
+    web.run_app(
+        application,
+        host=settings.server.host,
+        port=settings.server.port,
+        loop=loop,
+        print=None,
+        shutdown_timeout=2.0,
+        access_log=None,
+    )
+    log.info("stopped")
+    return 0

@@ -1,0 +1,46 @@
+"""Builds the service's parts from settings (shared by `serve` and `rebuild-state`)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from fa_restic.config import Settings, ensure_password_file
+from fa_restic.restic.client import Restic, read_version
+from fa_restic.restic.commands import Binary, Repository
+
+log = logging.getLogger("fa_restic")
+
+
+def repository_of(settings: Settings) -> Repository:
+    """Returns how restic reaches the repository; makes the password file if missing."""
+    config = settings.repository
+    if config.password_file is not None:
+        ensure_password_file(config.password_file)
+    return Repository(
+        url=config.url,
+        password_file=config.password_file,
+        password_command=config.password_command,
+        env=dict(config.env),
+    )
+
+
+def local_repository_path(settings: Settings) -> Path | None:
+    """Returns the repository folder when it is on this machine, else None."""
+    if not settings.is_local_repository:
+        return None
+    return Path(settings.repository.url.removeprefix("local:"))
+
+
+async def make_restic(settings: Settings) -> Restic:
+    """Returns a Restic for the configured binary and repository; raises ResticError
+    when restic is missing or older than 0.14."""
+    version = await read_version(settings.restic.binary)
+    settings.restic.cache_dir.mkdir(parents=True, exist_ok=True)
+    log.info("restic %s at %s", version, settings.restic.binary)
+    return Restic(
+        Binary(settings.restic.binary, version, settings.restic.cache_dir),
+        repository_of(settings),
+        progress_fps=settings.restic.progress_fps,
+        grace_seconds=settings.jobs.cancel_grace_seconds,
+    )
