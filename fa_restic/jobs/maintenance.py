@@ -74,7 +74,7 @@ class DestroyReport:
 async def destroy(
     restic: Restic, local_path: Path | None, lock_wait: float, on_phase: Callable[[str], None]
 ) -> DestroyReport:
-    """Removes a local repository from disk, or forgets and prunes every snapshot of a remote one."""
+    """Removes a local repository folder, or forgets and prunes every snapshot of a remote one."""
     if local_path is not None:
         on_phase("removing the repository folder")
         count = 0
