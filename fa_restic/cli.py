@@ -1,12 +1,428 @@
-"""Client commands that talk to a running fa-restic over HTTP (filled in by the CLI issue)."""
+"""Client commands that talk to a running fa-restic over HTTP.
+
+`fa-restic backup PATH --id N [--wait]`, `restore --id N --backup-id M --dst PATH [--wait]`,
+`status {backup,restore} ID`, `cancel {backup,restore} ID`, `cancel-all {backup,restore}`,
+`delete ID`. The token comes from the environment (FA_RESTIC_TOKEN) or a file (--token-file),
+never from the command line, which every user of the machine can read.
+
+Exit codes: 0 success; 1 the job failed or was cancelled, or the API answered an error (its
+message goes to stderr); 2 a usage error.
+"""
 
 from __future__ import annotations
 
 import argparse
-from typing import Any
+import asyncio
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import aiohttp
+
+API_PREFIX = "/fa/api/v0"
+DEFAULT_URL = "http://127.0.0.1:8080"
+URL_ENV = "FA_RESTIC_URL"
+TOKEN_ENV = "FA_RESTIC_TOKEN"  # noqa: S105 - the variable's name, not a token
+SUCCESS_CODE = 2001
+KINDS = ("backup", "restore")
+TERMINAL = frozenset({"success", "failed", "cancel"})
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+POLL_SECONDS = 0.5
+PLAIN_LINE_SECONDS = 5.0
+REQUEST_TIMEOUT_SECONDS = 30.0
+# While waiting, how long the service may be unreachable (a restart) before giving up.
+RECONNECT_SECONDS = 60.0
+BAR_WIDTH = 20
+
+# argparse's type of `add_subparsers()`; it has no public name.
+SubParsers = argparse._SubParsersAction
 
 
-def add_client_commands(commands: Any) -> None:
+class UsageError(Exception):
+    """A command line that cannot be run (exit code 2)."""
+
+
+class ApiFailure(Exception):
+    """The API answered an error, or did not answer (exit code 1)."""
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.message = message
+        self.transient = transient
+
+
+# -- arguments ---------------------------------------------------------------------------------
+
+
+def _positive_id(text: str) -> int:
+    """argparse type: a positive integer id."""
+    if not text.isascii() or not text.isdigit() or int(text) <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text!r}")
+    return int(text)
+
+
+def add_client_commands(commands: SubParsers[argparse.ArgumentParser]) -> None:
     """Adds the client subcommands to the parser."""
-    del commands
-    _ = argparse
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--url",
+        help=f"the service's base URL (default: ${URL_ENV} or {DEFAULT_URL})",
+    )
+    common.add_argument(
+        "--token-file",
+        type=Path,
+        metavar="FILE",
+        help=f"read the bearer token from FILE (default: ${TOKEN_ENV})",
+    )
+
+    backup = commands.add_parser(
+        "backup", parents=[common], help="start a backup of PATH (relative to your home)"
+    )
+    backup.add_argument("path", metavar="PATH")
+    backup.add_argument("--id", type=_positive_id, required=True, help="the backup id")
+    backup.add_argument("--wait", action="store_true", help="wait for the end, show progress")
+    backup.set_defaults(run=_backup)
+
+    restore = commands.add_parser(
+        "restore", parents=[common], help="restore a backup into --dst (relative to your home)"
+    )
+    restore.add_argument("--id", type=_positive_id, required=True, help="the restore id")
+    restore.add_argument("--backup-id", type=_positive_id, required=True)
+    restore.add_argument("--dst", required=True, metavar="PATH")
+    restore.add_argument("--wait", action="store_true", help="wait for the end, show progress")
+    restore.set_defaults(run=_restore)
+
+    status = commands.add_parser("status", parents=[common], help="show a backup or restore")
+    status.add_argument("kind", choices=KINDS)
+    status.add_argument("id", type=_positive_id)
+    status.set_defaults(run=_status)
+
+    cancel = commands.add_parser("cancel", parents=[common], help="cancel a backup or restore")
+    cancel.add_argument("kind", choices=KINDS)
+    cancel.add_argument("id", type=_positive_id)
+    cancel.set_defaults(run=_cancel)
+
+    cancel_all = commands.add_parser(
+        "cancel-all", parents=[common], help="cancel all your pending/running backups or restores"
+    )
+    cancel_all.add_argument("kind", choices=KINDS)
+    cancel_all.set_defaults(run=_cancel_all)
+
+    delete = commands.add_parser(
+        "delete", parents=[common], help="delete a finished backup (and forget its snapshot)"
+    )
+    delete.add_argument("id", type=_positive_id)
+    delete.set_defaults(run=_delete)
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where the API is and how to authenticate to it."""
+
+    base: str
+    token: str
+
+
+def api_base(url: str) -> str:
+    """Returns the API root for a service URL (`…/fa/api/v0` is added unless given)."""
+    base = url.rstrip("/")
+    if not base.startswith(("http://", "https://")):
+        raise UsageError(f"--url must start with http:// or https://, not {url!r}")
+    return base if base.endswith(API_PREFIX) else base + API_PREFIX
+
+
+def read_token(token_file: Path | None) -> str:
+    """Returns the token from `token_file`, else from $FA_RESTIC_TOKEN."""
+    if token_file is not None:
+        try:
+            token = token_file.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as error:
+            raise UsageError(f"cannot read --token-file {token_file}: {error}") from None
+        if not token:
+            raise UsageError(f"--token-file {token_file} is empty")
+        return token
+    token = os.environ.get(TOKEN_ENV, "").strip()
+    if not token:
+        raise UsageError(f"no token: set {TOKEN_ENV} or pass --token-file FILE")
+    return token
+
+
+def _target(arguments: argparse.Namespace) -> Target:
+    url = arguments.url or os.environ.get(URL_ENV) or DEFAULT_URL
+    return Target(api_base(url), read_token(arguments.token_file))
+
+
+# -- HTTP ----------------------------------------------------------------------------------
+
+
+class Client:
+    """Calls the API and unwraps its envelope."""
+
+    def __init__(self, session: aiohttp.ClientSession, target: Target) -> None:
+        self.session = session
+        self.target = target
+
+    async def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        """Returns the envelope's `data`; raises ApiFailure with the envelope's message."""
+        url = self.target.base + path
+        headers = {"Authorization": f"Bearer {self.target.token}"}
+        try:
+            async with self.session.request(method, url, json=body, headers=headers) as response:
+                text = await response.text(errors="replace")
+                status = response.status
+        except (aiohttp.ClientError, TimeoutError) as error:
+            reason = str(error) or type(error).__name__
+            raise ApiFailure(f"cannot reach {self.target.base}: {reason}", transient=True) from None
+        try:
+            answer = json.loads(text)
+        except ValueError:
+            answer = None
+        if not (isinstance(answer, dict) and isinstance(answer.get("message"), str)):
+            raise ApiFailure(
+                f"HTTP {status} from {url}: not an fa-restic answer", transient=status >= 502
+            )
+        if answer.get("code") != SUCCESS_CODE:
+            raise ApiFailure(answer["message"], transient=status >= 502)
+        return answer.get("data")
+
+
+async def _with_client(target: Target, action: Callable[[Client], Awaitable[int]]) -> int:
+    timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_SECONDS)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        return await action(Client(session, target))
+
+
+def _run(arguments: argparse.Namespace, action: Callable[[Client], Awaitable[int]]) -> int:
+    """Runs `action` against the API; maps failures onto exit codes."""
+    try:
+        target = _target(arguments)
+    except UsageError as error:
+        print(f"fa-restic: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        return asyncio.run(_with_client(target, action))
+    except ApiFailure as error:
+        print(f"fa-restic: {error.message}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2), flush=True)
+
+
+# -- progress --------------------------------------------------------------------------------
+
+
+def human_bytes(count: int) -> str:
+    """Returns `count` bytes as `512 B`, `1.5 KiB`, `3.2 GiB`, …"""
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if abs(value) < 1024 or unit == "PiB":
+            return f"{int(value)} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def human_duration(seconds: int | None) -> str:
+    """Returns seconds as `m:ss` or `h:mm:ss`; `--:--` when unknown."""
+    if seconds is None or seconds < 0:
+        return "--:--"
+    hours, rest = divmod(int(seconds), 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def describe_progress(kind: str, job_id: int, data: dict[str, Any], *, bar: bool) -> str:
+    """Returns one line: status, percent, bytes done/total, ETA (and a bar for a terminal)."""
+    status = str(data.get("status", "?"))
+    if status == "pending":
+        return f"{kind} {job_id}: pending (waiting for a free slot)"
+    progress = data.get("progress") or {}
+    fraction = min(max(float(progress.get("percent_done") or 0.0), 0.0), 1.0)
+    done = int(progress.get("bytes_done") or 0)
+    total = int(progress.get("total_bytes") or 0)
+    sizes = f"{human_bytes(done)} / {human_bytes(total)}" if total else human_bytes(done)
+    eta = human_duration(progress.get("seconds_remaining"))
+    shown = f"{kind} {job_id}: {status} "
+    if bar:
+        filled = round(fraction * BAR_WIDTH)
+        shown += "[" + "#" * filled + "." * (BAR_WIDTH - filled) + "] "
+    return f"{shown}{fraction * 100:5.1f}%  {sizes}  ETA {eta}"
+
+
+def describe_end(kind: str, job_id: int, data: dict[str, Any]) -> str:
+    """Returns the final line: status, sizes and restic's reason if any."""
+    stat = data.get("stat") or {}
+    total = human_bytes(int(stat.get("total_size") or 0))
+    if kind == "backup":
+        sizes = f"{total} processed, {human_bytes(int(stat.get('pack_size') or 0))} added"
+    else:
+        sizes = f"{total} restored"
+    line = f"{kind} {job_id}: {data.get('status')}, {sizes}"
+    extra = data.get("extra")
+    return f"{line}: {extra}" if extra else line
+
+
+class ProgressReport:
+    """Shows a job's progress: one rewritten line on a terminal, else a line every ~5 s."""
+
+    def __init__(
+        self,
+        kind: str,
+        job_id: int,
+        stream: TextIO,
+        *,
+        live: bool,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.kind = kind
+        self.job_id = job_id
+        self.stream = stream
+        self.live = live
+        self.clock = clock
+        self._shown = 0  # width of the live line on screen
+        self._last_line_at: float | None = None
+
+    def _live(self, text: str) -> None:
+        width = max(shutil.get_terminal_size().columns - 1, 20)
+        text = text[:width]
+        self.stream.write("\r" + text + " " * max(self._shown - len(text), 0))
+        self.stream.flush()
+        self._shown = len(text)
+
+    def update(self, data: dict[str, Any]) -> None:
+        """Shows a GET's data."""
+        if self.live:
+            self._live(describe_progress(self.kind, self.job_id, data, bar=True))
+            return
+        now = self.clock()
+        if self._last_line_at is None or now - self._last_line_at >= PLAIN_LINE_SECONDS:
+            print(describe_progress(self.kind, self.job_id, data, bar=False), file=self.stream)
+            self.stream.flush()
+            self._last_line_at = now
+
+    def note(self, text: str) -> None:
+        """Shows a passing problem (the service not answering)."""
+        if self.live:
+            self._live(f"{self.kind} {self.job_id}: {text}")
+        else:
+            print(f"{self.kind} {self.job_id}: {text}", file=self.stream)
+
+    def finish(self, data: dict[str, Any]) -> None:
+        """Shows the final status on its own line."""
+        if self.live and self._shown:
+            self.stream.write("\r" + " " * self._shown + "\r")
+            self._shown = 0
+        print(describe_end(self.kind, self.job_id, data), file=self.stream)
+        self.stream.flush()
+
+
+async def wait_for(client: Client, kind: str, job_id: int, report: ProgressReport) -> Any:
+    """Polls the job every 0.5 s until it ends; returns its last data."""
+    answered_at = time.monotonic()
+    while True:
+        try:
+            data = await client.call("GET", f"/{kind}/{job_id}")
+        except ApiFailure as error:
+            # A restarting service runs its interrupted jobs again: keep waiting for a while.
+            if not error.transient or time.monotonic() - answered_at > RECONNECT_SECONDS:
+                raise
+            report.note(f"{error.message}; retrying")
+            await asyncio.sleep(1.0)
+            continue
+        answered_at = time.monotonic()
+        if data.get("status") in TERMINAL:
+            report.finish(data)
+            return data
+        report.update(data)
+        await asyncio.sleep(POLL_SECONDS)
+
+
+async def _start_and_maybe_wait(
+    client: Client, kind: str, job_id: int, body: dict[str, Any], wait: bool
+) -> int:
+    data = await client.call("POST", f"/{kind}", body)
+    if not wait:
+        _print_json(data)
+        return EXIT_OK
+    report = ProgressReport(kind, job_id, sys.stderr, live=sys.stderr.isatty())
+    data = await wait_for(client, kind, job_id, report)
+    _print_json(data)
+    return EXIT_OK if data.get("status") == "success" else EXIT_FAILED
+
+
+def _interrupted(kind: str, job_id: int) -> int:
+    print(
+        f"\nfa-restic: stopped waiting; {kind} {job_id} goes on in the service "
+        f"(fa-restic cancel {kind} {job_id} stops it)",
+        file=sys.stderr,
+    )
+    return EXIT_INTERRUPTED
+
+
+# -- the commands ------------------------------------------------------------------------------
+
+
+def _backup(arguments: argparse.Namespace) -> int:
+    body = {"id": arguments.id, "path": arguments.path}
+    try:
+        return _run(
+            arguments,
+            lambda client: _start_and_maybe_wait(
+                client, "backup", arguments.id, body, arguments.wait
+            ),
+        )
+    except KeyboardInterrupt:
+        return _interrupted("backup", arguments.id)
+
+
+def _restore(arguments: argparse.Namespace) -> int:
+    body = {"restore_id": arguments.id, "backup_id": arguments.backup_id, "dst_path": arguments.dst}
+    try:
+        return _run(
+            arguments,
+            lambda client: _start_and_maybe_wait(
+                client, "restore", arguments.id, body, arguments.wait
+            ),
+        )
+    except KeyboardInterrupt:
+        return _interrupted("restore", arguments.id)
+
+
+def _printing(
+    method: str, path: str, body: dict[str, Any] | None = None
+) -> Callable[[Client], Awaitable[int]]:
+    """Returns an action that makes one call and prints its data as JSON."""
+
+    async def action(client: Client) -> int:
+        _print_json(await client.call(method, path, body))
+        return EXIT_OK
+
+    return action
+
+
+def _status(arguments: argparse.Namespace) -> int:
+    return _run(arguments, _printing("GET", f"/{arguments.kind}/{arguments.id}"))
+
+
+def _cancel(arguments: argparse.Namespace) -> int:
+    return _run(arguments, _printing("POST", f"/{arguments.kind}/cancel", {"id": arguments.id}))
+
+
+def _cancel_all(arguments: argparse.Namespace) -> int:
+    return _run(arguments, _printing("POST", f"/{arguments.kind}/cancel-all"))
+
+
+def _delete(arguments: argparse.Namespace) -> int:
+    return _run(arguments, _printing("DELETE", f"/backup/{arguments.id}"))

@@ -141,7 +141,15 @@ def _absolutise(settings: Settings, base: Path) -> Settings:
                 }
             ),
             "restic": settings.restic.model_copy(
-                update={"cache_dir": _resolve(base, settings.restic.cache_dir)}
+                update={
+                    "cache_dir": _resolve(base, settings.restic.cache_dir),
+                    # A bare name is looked up on PATH; a relative path is the file's.
+                    "binary": (
+                        str(_resolve(base, Path(settings.restic.binary)))
+                        if "/" in settings.restic.binary
+                        else settings.restic.binary
+                    ),
+                }
             ),
         }
     )

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 from pathlib import Path
 
 from fa_restic.config import Settings, ensure_password_file
@@ -32,14 +34,23 @@ def local_repository_path(settings: Settings) -> Path | None:
     return Path(settings.repository.url.removeprefix("local:"))
 
 
+def absolute_binary(name: str) -> str:
+    """Returns the absolute path of a binary (a bare name is looked up on PATH).
+
+    Absolute, so that restic runs the same from any working folder: backups cd into the source.
+    """
+    return os.path.abspath(shutil.which(name) or name)
+
+
 async def make_restic(settings: Settings) -> Restic:
     """Returns a Restic for the configured binary and repository; raises ResticError
     when restic is missing or older than 0.14."""
-    version = await read_version(settings.restic.binary)
+    binary = absolute_binary(settings.restic.binary)
+    version = await read_version(binary)
     settings.restic.cache_dir.mkdir(parents=True, exist_ok=True)
-    log.info("restic %s at %s", version, settings.restic.binary)
+    log.info("restic %s at %s", version, binary)
     return Restic(
-        Binary(settings.restic.binary, version, settings.restic.cache_dir),
+        Binary(binary, version, settings.restic.cache_dir),
         repository_of(settings),
         progress_fps=settings.restic.progress_fps,
         grace_seconds=settings.jobs.cancel_grace_seconds,

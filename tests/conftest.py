@@ -22,7 +22,7 @@ from tests.helpers import API, TERMINAL, auth, eventually, free_port, make_home,
 def _binaries() -> list[str]:
     configured = os.environ.get("FA_RESTIC_TEST_BINARIES")
     if configured:
-        return [entry for entry in configured.split(":") if entry]
+        return [os.path.abspath(entry) for entry in configured.split(":") if entry]
     found = shutil.which("restic")
     return [found] if found else []
 

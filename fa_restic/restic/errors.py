@@ -32,8 +32,10 @@ EXIT_CODE_TO_KIND: dict[int, ErrorKind] = {
     130: ErrorKind.INTERRUPTED,
 }
 
-# Checked in order: a backend that is down also prints "Is there a repository...".
+# Checked in order: a backend that is down also prints "Is there a repository...", and
+# so does 0.18 interrupted while it opens the repository ("context canceled").
 TEXT_TO_KIND: tuple[tuple[str, ErrorKind], ...] = (
+    ("context canceled", ErrorKind.INTERRUPTED),
     ("no space left on device", ErrorKind.NO_SPACE),
     ("connection refused", ErrorKind.BACKEND),
     ("no such host", ErrorKind.BACKEND),
@@ -44,7 +46,6 @@ TEXT_TO_KIND: tuple[tuple[str, ErrorKind], ...] = (
     ("wrong password", ErrorKind.WRONG_PASSWORD),
     ("Is there a repository at the following location", ErrorKind.REPOSITORY_MISSING),
     ("repository does not exist", ErrorKind.REPOSITORY_MISSING),
-    ("context canceled", ErrorKind.INTERRUPTED),
 )
 
 MESSAGE_LIMIT = 400

@@ -28,8 +28,9 @@ class BackupStatus(_Message):
     error_count: int = 0
 
 
-class BackupSummary(_Message):
-    snapshot_id: str
+class BackupTotals(_Message):
+    """A backup's counts and sizes: the summary line, or a snapshot's `summary` (>= 0.17)."""
+
     files_new: int = 0
     files_changed: int = 0
     files_unmodified: int = 0
@@ -44,6 +45,12 @@ class BackupSummary(_Message):
     def pack_size(self) -> int:
         """Bytes added to the repository: packed where restic tells it (>= 0.17)."""
         return self.data_added if self.data_added_packed is None else self.data_added_packed
+
+
+class BackupSummary(BackupTotals):
+    """The last line of `backup --json`; a snapshot's stored summary has no snapshot_id."""
+
+    snapshot_id: str
 
 
 class RestoreStatus(_Message):
@@ -91,7 +98,7 @@ class Snapshot(_Message):
     paths: list[str] = Field(default_factory=list)
     tags: list[str] | None = None
     hostname: str = ""
-    summary: BackupSummary | None = None
+    summary: BackupTotals | None = None
 
     def tag_value(self, key: str) -> str | None:
         """Returns the value of the first tag `key=value`, or None."""
@@ -130,7 +137,8 @@ def parse_backup_line(line: str) -> BackupMessage | None:
         return None
     try:
         match data.get("message_type"):
-            case "status":
+            # 0.14 sends its -v `scan_finished` record as a "status" with an "action".
+            case "status" if "action" not in data:
                 return BackupStatus.model_validate(data)
             case "summary":
                 return BackupSummary.model_validate(data)

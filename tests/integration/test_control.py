@@ -244,3 +244,37 @@ async def test_destroy_needs_admin_then_new_backup_initialises(api: Api) -> None
     status, body = await api.call("GET", "/backup/repo-destroyed")
     assert body["data"] == {"destroyed": False}
     assert len(snapshots_with_tag(api, "fa:id=1")) == 1
+
+
+async def test_backup_arriving_during_prune_starts_within_10s(api: Api, big_tree: Path) -> None:
+    # Two snapshots that share half their data: forgetting the first leaves packs
+    # that are half used, so prune has to repack (seconds of work, not a delete).
+    link_big(api, big_tree, name="all")
+    half = api.home("alice") / "half"
+    half.mkdir()
+    for folder in sorted((api.home("alice") / "all").iterdir()):
+        (half / folder.name).mkdir()
+        for index, item in enumerate(sorted(folder.iterdir())):
+            if index % 2 == 0:
+                (half / folder.name / item.name).hardlink_to(item)
+    make_small_tree(api.home("alice") / "small")
+    await api.call("POST", "/backup", json={"id": 1, "path": "all"})
+    assert (await api.wait("backup", 1))["status"] == "success"
+    await api.call("POST", "/backup", json={"id": 2, "path": "half"})
+    assert (await api.wait("backup", 2))["status"] == "success"
+    service = service_of(api)
+    await api.call("DELETE", "/backup/1")
+
+    async def prune_running() -> bool:
+        return service.scheduler.exclusive_name == "prune"
+
+    await eventually(prune_running, bool, timeout=60, interval=0.02)
+    await api.call("POST", "/backup", json={"id": 3, "path": "small"})
+    posted = time.monotonic()
+    await api.wait("backup", 3, statuses={"running", "success"}, timeout=10)
+    assert time.monotonic() - posted < 10
+    assert (await api.wait("backup", 3))["status"] == "success"
+    await wait_idle(api, timeout=120)  # the interrupted prune runs again and finishes
+    assert lock_files(api) == []
+    check = run_restic(api.restic_binary, api.folder, "check")
+    assert check.returncode == 0, check.stderr
