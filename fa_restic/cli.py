@@ -5,8 +5,9 @@
 `delete ID`. The token comes from the environment (FA_RESTIC_TOKEN) or a file (--token-file),
 never from the command line, which every user of the machine can read.
 
+Output: the envelope's `data` as JSON on stdout; progress (`--wait`) and errors on stderr.
 Exit codes: 0 success; 1 the job failed or was cancelled, or the API answered an error (its
-message goes to stderr); 2 a usage error.
+message goes to stderr); 2 a usage error; 130 Ctrl-C (the job itself goes on).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ REQUEST_TIMEOUT_SECONDS = 30.0
 # While waiting, how long the service may be unreachable (a restart) before giving up.
 RECONNECT_SECONDS = 60.0
 BAR_WIDTH = 20
+MAX_ID = 2**63  # ids are below this (the API's bound)
 
 # argparse's type of `add_subparsers()`; it has no public name.
 SubParsers = argparse._SubParsersAction
@@ -67,7 +69,7 @@ class ApiFailure(Exception):
 
 def _positive_id(text: str) -> int:
     """argparse type: a positive integer id."""
-    if not text.isascii() or not text.isdigit() or int(text) <= 0:
+    if not text.isascii() or not text.isdigit() or not 0 < int(text) < MAX_ID:
         raise argparse.ArgumentTypeError(f"must be a positive integer, not {text!r}")
     return int(text)
 
@@ -138,23 +140,30 @@ def api_base(url: str) -> str:
     """Returns the API root for a service URL (`…/fa/api/v0` is added unless given)."""
     base = url.rstrip("/")
     if not base.startswith(("http://", "https://")):
-        raise UsageError(f"--url must start with http:// or https://, not {url!r}")
+        raise UsageError(f"the URL must start with http:// or https://, not {url!r}")
     return base if base.endswith(API_PREFIX) else base + API_PREFIX
 
 
 def read_token(token_file: Path | None) -> str:
     """Returns the token from `token_file`, else from $FA_RESTIC_TOKEN."""
     if token_file is not None:
+        source = f"--token-file {token_file}"
         try:
             token = token_file.read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as error:
-            raise UsageError(f"cannot read --token-file {token_file}: {error}") from None
+        except OSError as error:
+            raise UsageError(f"cannot read {source}: {error.strerror or error}") from None
+        except UnicodeDecodeError:
+            raise UsageError(f"{source} is not UTF-8 text") from None
+    else:
+        source = f"${TOKEN_ENV}"
+        token = os.environ.get(TOKEN_ENV, "").strip()
         if not token:
-            raise UsageError(f"--token-file {token_file} is empty")
-        return token
-    token = os.environ.get(TOKEN_ENV, "").strip()
+            raise UsageError(f"no token: set {TOKEN_ENV} or pass --token-file FILE")
     if not token:
-        raise UsageError(f"no token: set {TOKEN_ENV} or pass --token-file FILE")
+        raise UsageError(f"{source} is empty")
+    if not all(character.isprintable() and not character.isspace() for character in token):
+        # It goes into an HTTP header: a line break there would be refused (or worse).
+        raise UsageError(f"{source} holds more than one token (spaces or line breaks)")
     return token
 
 
@@ -203,7 +212,11 @@ async def _with_client(target: Target, action: Callable[[Client], Awaitable[int]
         return await action(Client(session, target))
 
 
-def _run(arguments: argparse.Namespace, action: Callable[[Client], Awaitable[int]]) -> int:
+def _run(
+    arguments: argparse.Namespace,
+    action: Callable[[Client], Awaitable[int]],
+    interrupted: str = "interrupted",
+) -> int:
     """Runs `action` against the API; maps failures onto exit codes."""
     try:
         target = _target(arguments)
@@ -215,6 +228,11 @@ def _run(arguments: argparse.Namespace, action: Callable[[Client], Awaitable[int
     except ApiFailure as error:
         print(f"fa-restic: {error.message}", file=sys.stderr)
         return EXIT_FAILED
+    except KeyboardInterrupt:
+        if sys.stderr.isatty():
+            print(file=sys.stderr)  # off the progress line
+        print(f"fa-restic: {interrupted}", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 def _print_json(data: Any) -> None:
@@ -243,8 +261,8 @@ def human_duration(seconds: int | None) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
-def describe_progress(kind: str, job_id: int, data: dict[str, Any], *, bar: bool) -> str:
-    """Returns one line: status, percent, bytes done/total, ETA (and a bar for a terminal)."""
+def describe_progress(kind: str, job_id: int, data: dict[str, Any], *, bar_width: int = 0) -> str:
+    """Returns one line: status, percent, bytes done/total, ETA, and a bar if `bar_width`."""
     status = str(data.get("status", "?"))
     if status == "pending":
         return f"{kind} {job_id}: pending (waiting for a free slot)"
@@ -255,9 +273,9 @@ def describe_progress(kind: str, job_id: int, data: dict[str, Any], *, bar: bool
     sizes = f"{human_bytes(done)} / {human_bytes(total)}" if total else human_bytes(done)
     eta = human_duration(progress.get("seconds_remaining"))
     shown = f"{kind} {job_id}: {status} "
-    if bar:
-        filled = round(fraction * BAR_WIDTH)
-        shown += "[" + "#" * filled + "." * (BAR_WIDTH - filled) + "] "
+    if bar_width > 0:
+        filled = round(fraction * bar_width)
+        shown += "[" + "#" * filled + "." * (bar_width - filled) + "] "
     return f"{shown}{fraction * 100:5.1f}%  {sizes}  ETA {eta}"
 
 
@@ -294,9 +312,12 @@ class ProgressReport:
         self._shown = 0  # width of the live line on screen
         self._last_line_at: float | None = None
 
+    @staticmethod
+    def _width() -> int:
+        return max(shutil.get_terminal_size().columns - 1, 20)
+
     def _live(self, text: str) -> None:
-        width = max(shutil.get_terminal_size().columns - 1, 20)
-        text = text[:width]
+        text = text[: self._width()]
         self.stream.write("\r" + text + " " * max(self._shown - len(text), 0))
         self.stream.flush()
         self._shown = len(text)
@@ -304,20 +325,26 @@ class ProgressReport:
     def update(self, data: dict[str, Any]) -> None:
         """Shows a GET's data."""
         if self.live:
-            self._live(describe_progress(self.kind, self.job_id, data, bar=True))
+            # The bar takes what room the terminal leaves (none on a narrow one).
+            room = self._width() - len(describe_progress(self.kind, self.job_id, data)) - 3
+            bar_width = min(BAR_WIDTH, room) if room >= 5 else 0
+            self._live(describe_progress(self.kind, self.job_id, data, bar_width=bar_width))
+            return
+        self._line(describe_progress(self.kind, self.job_id, data))
+
+    def _line(self, text: str) -> None:
+        if self.live:
+            self._live(text)
             return
         now = self.clock()
         if self._last_line_at is None or now - self._last_line_at >= PLAIN_LINE_SECONDS:
-            print(describe_progress(self.kind, self.job_id, data, bar=False), file=self.stream)
+            print(text, file=self.stream)
             self.stream.flush()
             self._last_line_at = now
 
     def note(self, text: str) -> None:
         """Shows a passing problem (the service not answering)."""
-        if self.live:
-            self._live(f"{self.kind} {self.job_id}: {text}")
-        else:
-            print(f"{self.kind} {self.job_id}: {text}", file=self.stream)
+        self._line(f"{self.kind} {self.job_id}: {text}")
 
     def finish(self, data: dict[str, Any]) -> None:
         """Shows the final status on its own line."""
@@ -362,13 +389,12 @@ async def _start_and_maybe_wait(
     return EXIT_OK if data.get("status") == "success" else EXIT_FAILED
 
 
-def _interrupted(kind: str, job_id: int) -> int:
-    print(
-        f"\nfa-restic: stopped waiting; {kind} {job_id} goes on in the service "
-        f"(fa-restic cancel {kind} {job_id} stops it)",
-        file=sys.stderr,
+def _interrupted(kind: str, job_id: int) -> str:
+    """What Ctrl-C says: the job is not cancelled by it."""
+    return (
+        f"stopped waiting; {kind} {job_id} goes on in the service "
+        f"(fa-restic cancel {kind} {job_id} stops it)"
     )
-    return EXIT_INTERRUPTED
 
 
 # -- the commands ------------------------------------------------------------------------------
@@ -376,28 +402,20 @@ def _interrupted(kind: str, job_id: int) -> int:
 
 def _backup(arguments: argparse.Namespace) -> int:
     body = {"id": arguments.id, "path": arguments.path}
-    try:
-        return _run(
-            arguments,
-            lambda client: _start_and_maybe_wait(
-                client, "backup", arguments.id, body, arguments.wait
-            ),
-        )
-    except KeyboardInterrupt:
-        return _interrupted("backup", arguments.id)
+    return _run(
+        arguments,
+        lambda client: _start_and_maybe_wait(client, "backup", arguments.id, body, arguments.wait),
+        _interrupted("backup", arguments.id),
+    )
 
 
 def _restore(arguments: argparse.Namespace) -> int:
     body = {"restore_id": arguments.id, "backup_id": arguments.backup_id, "dst_path": arguments.dst}
-    try:
-        return _run(
-            arguments,
-            lambda client: _start_and_maybe_wait(
-                client, "restore", arguments.id, body, arguments.wait
-            ),
-        )
-    except KeyboardInterrupt:
-        return _interrupted("restore", arguments.id)
+    return _run(
+        arguments,
+        lambda client: _start_and_maybe_wait(client, "restore", arguments.id, body, arguments.wait),
+        _interrupted("restore", arguments.id),
+    )
 
 
 def _printing(

@@ -63,10 +63,14 @@ class MaintenanceSettings(_Section):
     prune_interval_seconds: Annotated[float, Field(ge=0)] = 3600.0
 
 
+USERNAME_REGEX = r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$"
+"""A user name that is safe as a folder name and a restic tag (no commas, no slashes)."""
+
+
 class StaticToken(_Section):
     token: str | None = None
-    token_sha256: str | None = None
-    user: str
+    token_sha256: Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64}$")] | None = None
+    user: Annotated[str, Field(pattern=USERNAME_REGEX)]
     admin: bool = False
 
     @model_validator(mode="after")

@@ -37,11 +37,7 @@ async def record_of(restic: Restic, snapshot: Snapshot) -> BackupRecord | None:
         return None
     assert user is not None
     backup_id = int(backup_id_text)
-    summary = snapshot.summary
-    if summary is not None:  # restic >= 0.17 keeps the backup summary in the snapshot
-        total_size, pack_size = summary.total_bytes_processed, summary.pack_size
-    else:
-        total_size, pack_size = (await restic.stats(snapshot.id)).total_size, 0
+    total_size, pack_size = await restic.backup_sizes(snapshot)
     moment = _parse_time(snapshot.time)
     return BackupRecord(
         id=backup_id,

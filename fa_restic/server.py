@@ -25,7 +25,10 @@ DEMO_USER = "demo"
 
 
 async def build_app(settings: Settings) -> web.Application:
-    """Returns the application for `settings`; raises ResticError if restic is unusable."""
+    """Returns the application for `settings` with its records loaded.
+
+    Raises ResticError if restic is unusable, StateError if the state file is unreadable.
+    """
     restic = await make_restic(settings)
     settings.paths.data_root.mkdir(parents=True, exist_ok=True)
     options = JobOptions(
@@ -38,6 +41,7 @@ async def build_app(settings: Settings) -> web.Application:
     service = JobService(
         options, StateStore(settings.paths.state_file), restic, Metrics(str(restic.version))
     )
+    await service.load()
     return make_app(service, Authenticator(settings.auth), settings.paths.data_root)
 
 

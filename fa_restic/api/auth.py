@@ -13,14 +13,14 @@ import jwt
 from jwt.warnings import InsecureKeyLengthWarning
 
 from fa_restic.api.errors import unauthorized
-from fa_restic.config import AuthSettings
+from fa_restic.config import USERNAME_REGEX, AuthSettings
 from fa_restic.jobs.service import Caller
 
 log = logging.getLogger("fa_restic.api")
 
 JWT_ALGORITHMS = ["HS256", "HS384", "HS512"]
 MINIMUM_SECRET_BYTES = 32
-USERNAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}")
+USERNAME_PATTERN = re.compile(USERNAME_REGEX)
 
 
 def valid_username(name: object) -> bool:
@@ -39,12 +39,14 @@ class Authenticator:
 
     def __init__(self, settings: AuthSettings) -> None:
         self._secret = settings.jwt_secret
-        if self._secret is not None and len(self._secret.encode()) < MINIMUM_SECRET_BYTES:
-            log.warning(
-                "auth.jwt_secret is shorter than %d bytes: use a long random secret",
-                MINIMUM_SECRET_BYTES,
-            )
-            # Said once here; PyJWT would repeat it on every request.
+        if self._secret is not None:
+            if len(self._secret.encode()) < MINIMUM_SECRET_BYTES:
+                log.warning(
+                    "auth.jwt_secret is shorter than %d bytes: use a long random secret",
+                    MINIMUM_SECRET_BYTES,
+                )
+            # Said once here if it matters; PyJWT warns on every request whose key is shorter
+            # than its hash (64 bytes for HS512), which a warnings-as-errors run turns into a 500.
             warnings.filterwarnings("ignore", category=InsecureKeyLengthWarning)
         self._tokens = [
             _StaticToken(

@@ -60,7 +60,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if error.status < 400:
             raise
         text = _HTTP_TEXT.get(error.status, error.reason.lower())
-        return envelope(error.status, text, None, error.status)
+        response = envelope(error.status, text, None, error.status)
+        # A 405 must say which methods the resource has (RFC 9110 §15.5.6).
+        if "Allow" in error.headers:
+            response.headers["Allow"] = error.headers["Allow"]
+        return response
     except Exception:
         log.exception("unexpected failure on %s %s", request.method, request.path)
         return envelope(500, "internal error", None, 500)

@@ -10,13 +10,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from fa_restic.api.views import BackupRequest, CancelRequest, RestoreRequest
+from fa_restic.api.views import MAX_ID, BackupRequest, CancelRequest, RestoreRequest
 
 if TYPE_CHECKING:
     from fa_restic.api.app import Route
 
 ENVELOPE_REF = "#/components/schemas/Envelope"
-MAX_ID = 2**63 - 1  # the request models' bound (views.JobId)
 
 _ID = {"type": "integer", "minimum": 1, "maximum": MAX_ID}
 _TIME = {"type": ["string", "null"], "format": "date-time"}

@@ -9,7 +9,9 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, Validat
 from fa_restic.jobs.models import BackupRecord, JobRecord, Progress, RestoreRecord
 from fa_restic.jobs.service import rfc3339
 
-JobId = Annotated[StrictInt, Field(gt=0, lt=2**63)]
+MAX_ID = 2**63 - 1
+"""The largest job id, in a body or in a URL (a signed 64-bit integer on the platform's side)."""
+JobId = Annotated[StrictInt, Field(gt=0, le=MAX_ID)]
 
 
 class _Request(BaseModel):
@@ -49,11 +51,14 @@ def describe_validation(error: ValidationError) -> str:
 
 
 def parse_id(text: str) -> int | None:
-    """Returns a URL's id if it is a positive integer in plain decimal, else None."""
-    if not text.isascii() or not text.isdigit() or len(text) > 18:
+    """Returns a URL's id if it is a positive integer in plain decimal, else None.
+
+    The same range as a body's id (1..MAX_ID): an id that can be posted can be fetched.
+    """
+    if not text.isascii() or not text.isdigit() or len(text) > len(str(MAX_ID)):
         return None
     value = int(text)
-    return value if value > 0 else None
+    return value if 0 < value <= MAX_ID else None
 
 
 def _progress(progress: Progress) -> dict[str, Any]:

@@ -22,7 +22,7 @@ FAILURE_BACKOFF_SECONDS = (5.0, 30.0, 120.0, 600.0)
 class MaintenanceState:
     """What maintenance owes the repository; the job layer persists it."""
 
-    unlock_wanted: bool = True
+    unlock_wanted: bool = False
     prune_wanted: bool = False
     last_prune: float = 0.0
     failures: int = 0

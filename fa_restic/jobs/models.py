@@ -29,7 +29,10 @@ class JobStatus(StrEnum):
 TERMINAL_STATUSES = frozenset({JobStatus.SUCCESS, JobStatus.FAILED, JobStatus.CANCEL})
 
 STATUS_TO_NEXT: dict[JobStatus, frozenset[JobStatus]] = {
-    JobStatus.PENDING: frozenset({JobStatus.RUNNING, JobStatus.CANCEL, JobStatus.FAILED}),
+    # pending -> success: at start-up, a snapshot that a crashed attempt made is adopted.
+    JobStatus.PENDING: frozenset(
+        {JobStatus.RUNNING, JobStatus.CANCEL, JobStatus.FAILED, JobStatus.SUCCESS}
+    ),
     # running -> pending: interrupted by a stop of the service, to run again after it.
     JobStatus.RUNNING: frozenset(
         {JobStatus.SUCCESS, JobStatus.FAILED, JobStatus.CANCEL, JobStatus.PENDING}
@@ -103,6 +106,8 @@ class JobRecord(BaseModel):
 class BackupRecord(JobRecord):
     path: str
     snapshot_id: str | None = None
+    unsettled: bool = False
+    """An attempt was cut short by a crash and may have left a snapshot: look before running."""
 
 
 class RestoreRecord(JobRecord):

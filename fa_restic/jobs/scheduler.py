@@ -102,15 +102,19 @@ class Scheduler:
         """Makes the loop look again (after new work or a finished job)."""
         self._wake.set()
 
-    async def exclusive(self, work: ExclusiveWork) -> None:
-        """Runs `work` once no job or maintenance runs; new jobs wait meanwhile.
+    def request(self, work: ExclusiveWork) -> asyncio.Future[None]:
+        """Queues `work` to run once no job or maintenance runs; new jobs wait meanwhile.
 
-        Returns when it is done; raises what the work raised.
+        Returns a future that ends as the work does.
         """
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._requests.append((work, future))
         self.wake()
-        await future
+        return future
+
+    async def exclusive(self, work: ExclusiveWork) -> None:
+        """Runs `work` as `request` does and waits for it; raises what the work raised."""
+        await self.request(work)
 
     # -- the loop ---------------------------------------------------------------------
 

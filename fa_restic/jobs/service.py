@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fa_restic.jobs import maintenance
-from fa_restic.jobs.backup import BackupOutcome, run_backup
+from fa_restic.jobs.backup import BackupOutcome, run_backup, snapshot_tags
 from fa_restic.jobs.errors import JobConflict, UnknownJob
 from fa_restic.jobs.models import (
     BackupRecord,
@@ -114,11 +114,8 @@ class JobService:
 
     # -- start and stop -------------------------------------------------------------
 
-    async def start(self) -> None:
-        """Loads the records, scrubs what a dead predecessor left, starts the scheduler.
-
-        Raises StateError when the state file cannot be read.
-        """
+    async def load(self) -> None:
+        """Reads the job records from the state file; raises StateError if it is unreadable."""
         collections = await asyncio.to_thread(self.store.load)
         self.backups = {
             int(key): BackupRecord.model_validate(value)
@@ -136,23 +133,85 @@ class JobService:
         if meta is not None:
             self._meta.destroyed = bool(meta.get("destroyed", False))
             self._meta.state.prune_wanted = bool(meta.get("prune_wanted", False))
+
+    async def start(self) -> None:
+        """Scrubs what a dead predecessor left and starts the scheduler (after `load`).
+
+        Before any job runs, the repository is initialised if missing and stale
+        locks are removed.
+        """
         records: list[JobRecord] = [*self.backups.values(), *self.restores.values()]
         self._sequence = max((record.sequence for record in records), default=0)
         await self.store.write(self._scrub(records))
+        preparation = self.scheduler.request(ExclusiveWork("startup", self._prepare_repository))
         for record in sorted(records, key=lambda record: record.sequence):
             if record.status is JobStatus.PENDING:
                 self.scheduler.enqueue(self._key(record), record.sequence)
         self.metrics.bind(self)
         self.scheduler.start()
+        self._background(preparation, "prepare the repository")
+
+    async def _prepare_repository(self) -> None:
         if not self._meta.destroyed:
-            self._background(self._ensure_repository(), "initialise the repository")
+            await self._ensure_repository()
+        if await self._guarded("unlock", self.restic.unlock) == "ok":
+            log.info("stale locks removed (restic unlock)")
+        for record in [record for record in self.backups.values() if record.unsettled]:
+            try:
+                await self._settle(record)
+            except ResticError as error:
+                log.error("backup %d: could not look for its snapshots: %s", record.id, error)
+
+    async def _settle(self, record: BackupRecord) -> None:
+        """Settles the snapshots of a backup whose attempt a crash cut short.
+
+        restic may have made the snapshot just before the service died. If the job is
+        to run again, the newest such snapshot is adopted instead; any other is forgotten,
+        so that every tagged snapshot stands for exactly one record.
+        """
+        backup_id = record.id
+        found = await self.restic.snapshots(tags=snapshot_tags(backup_id, record.user))
+        orphans = sorted(
+            (s for s in found if s.id != record.snapshot_id and s.id not in self.forgets),
+            key=lambda snapshot: snapshot.time,
+        )
+        record.unsettled = False
+        operations: list[Operation] = []
+        if (
+            orphans
+            and record.status is JobStatus.PENDING
+            and self.scheduler.dequeue(("backup", backup_id))
+        ):
+            adopted = orphans.pop()
+            record.total_size, record.pack_size = await self.restic.backup_sizes(adopted)
+            record.snapshot_id = adopted.id
+            record.move_to(JobStatus.SUCCESS)
+            record.extra = ""
+            self._finished("backup", record)
+            log.warning(
+                "backup %d: adopted snapshot %s made before the service stopped",
+                backup_id,
+                adopted.id[:12],
+            )
+        for orphan in orphans:
+            forget = ForgetRecord(
+                snapshot_id=orphan.id, backup_id=backup_id, user=record.user, queued_at=utc_now()
+            )
+            self.forgets[orphan.id] = forget
+            operations.append(Put("forget", orphan.id, forget.model_dump(mode="json")))
+            log.warning(
+                "backup %d: snapshot %s of an interrupted attempt will be forgotten",
+                backup_id,
+                orphan.id[:12],
+            )
+        await self.store.write([_record_ops(record), *operations])
 
     def _background(self, work: Awaitable[None], what: str) -> None:
         async def guarded() -> None:
             try:
                 await work
-            except ResticError as error:
-                log.error("could not %s: %s", what, error)
+            except (ResticError, asyncio.CancelledError) as error:
+                log.error("could not %s: %s", what, error or "interrupted")
 
         task = asyncio.create_task(guarded())
         self._tasks.add(task)
@@ -164,6 +223,8 @@ class JobService:
         for record in records:
             if record.status is not JobStatus.RUNNING:
                 continue
+            if isinstance(record, BackupRecord):
+                record.unsettled = True
             if record.pid is not None and runner.kill_leftover(record.pid, record.pid_start):
                 log.warning(
                     "%s %d: ended restic pid %d left by the last run",

@@ -313,6 +313,16 @@ class Restic:
         except ValueError as error:
             raise ResticError(ErrorKind.FATAL, f"unreadable stats: {error}") from None
 
+    async def backup_sizes(self, snapshot: Snapshot) -> tuple[int, int]:
+        """Returns (bytes processed, bytes added) of the backup that made `snapshot`.
+
+        restic >= 0.17 keeps the backup summary in the snapshot; before that the
+        processed size is the snapshot's restore size and the added size is unknown (0).
+        """
+        if snapshot.summary is not None:
+            return snapshot.summary.total_bytes_processed, snapshot.summary.pack_size
+        return (await self.stats(snapshot.id)).total_size, 0
+
     async def forget(self, snapshot_ids: Sequence[str], lock_wait: float = 0) -> None:
         """Forgets snapshots by id (restic exits 0 even for unknown ids: check afterwards)."""
         await self._checked(commands.forget_command(self.binary, snapshot_ids, lock_wait))

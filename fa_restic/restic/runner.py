@@ -69,6 +69,8 @@ def process_start_ticks(pid: int) -> int | None:
         return None
     # The command name (field 2) may contain spaces; fields after it are fixed.
     fields = stat.rsplit(")", 1)[1].split()
+    if fields[0] == "Z":  # already dead, waiting to be reaped: nothing to end
+        return None
     return int(fields[19])
 
 
