@@ -6,6 +6,7 @@ import hashlib
 import hmac
 import logging
 import re
+import time
 import warnings
 from dataclasses import dataclass
 
@@ -20,6 +21,7 @@ log = logging.getLogger("fa_restic.api")
 
 JWT_ALGORITHMS = ["HS256", "HS384", "HS512"]
 MINIMUM_SECRET_BYTES = 32
+VERIFIED_CACHE_SIZE = 4096
 USERNAME_PATTERN = re.compile(USERNAME_REGEX)
 
 
@@ -48,6 +50,7 @@ class Authenticator:
             # Said once here if it matters; PyJWT warns on every request whose key is shorter
             # than its hash (64 bytes for HS512), which a warnings-as-errors run turns into a 500.
             warnings.filterwarnings("ignore", category=InsecureKeyLengthWarning)
+        self._verified: dict[bytes, tuple[Caller, float | None]] = {}
         self._tokens = [
             _StaticToken(
                 bytes.fromhex(entry.token_sha256)
@@ -70,6 +73,12 @@ class Authenticator:
         for entry in self._tokens:
             if hmac.compare_digest(entry.sha256, digest):
                 return entry.caller
+        cached = self._verified.get(digest)
+        if cached is not None:
+            caller, expires = cached
+            if expires is None or time.time() < expires:
+                return caller
+            del self._verified[digest]  # expired: decode again to say so
         if token.count(".") != 2:
             raise unauthorized("unknown token")
         if not self._secret:
@@ -94,4 +103,11 @@ class Authenticator:
         username = claims["username"]
         if not valid_username(username):
             raise unauthorized("username claim is not a valid user name")
-        return Caller(username, claims.get("admin") is True)
+        caller = Caller(username, claims.get("admin") is True)
+        # Verifying a JWT costs more than the rest of a status request; clients poll with
+        # the same token, so a verified one is remembered until its `exp`.
+        if len(self._verified) >= VERIFIED_CACHE_SIZE:
+            self._verified.clear()
+        expires = claims.get("exp")
+        self._verified[digest] = (caller, float(expires) if expires is not None else None)
+        return caller

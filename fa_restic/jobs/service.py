@@ -401,24 +401,46 @@ class JobService:
             for record in self._records(kind).values()
             if record.status.is_active and caller.may_see(record)
         ]
-        await asyncio.gather(*(self._cancel(record, caller.user) for record in records))
+        await self.store.write(self._cancel_queued(records, caller.user))
+        await asyncio.gather(
+            *(self._stop(record, caller.user) for record in records if record.status.is_active)
+        )
         return sorted(record.id for record in records if record.status is JobStatus.CANCEL)
 
     async def _cancel(self, record: JobRecord, by: str) -> None:
+        changes = self._cancel_queued([record], by)
+        if changes:
+            await self.store.write(changes)
+        else:
+            await self._stop(record, by)
+
+    def _cancel_queued(self, records: Iterable[JobRecord], by: str) -> list[Operation]:
+        """Cancels the jobs among `records` that wait in the queue; returns the changes to write."""
+        changes: list[Operation] = []
+        for record in records:
+            key = self._key(record)
+            if record.status is JobStatus.PENDING and self.scheduler.dequeue(key):
+                record.move_to(JobStatus.CANCEL)
+                record.extra = f"cancelled by {by} before it started"
+                changes.append(_record_ops(record))
+                self._finished(key[0], record)
+        return changes
+
+    async def _stop(self, record: JobRecord, by: str) -> None:
+        """Interrupts a started job and returns once restic is gone and the record written."""
         key = self._key(record)
-        if record.status is JobStatus.PENDING and self.scheduler.dequeue(key):
-            record.move_to(JobStatus.CANCEL)
-            record.extra = f"cancelled by {by} before it started"
-            await self.store.write([_record_ops(record)])
-            self._finished(key[0], record)
-            return
         task = self.scheduler.task_of(key)
         if task is None:
             return
         self._stops[key] = _Stop("cancel", by)
         task.cancel()
-        # Wait for restic to be gone and the record to be written before answering.
         await asyncio.gather(task, return_exceptions=True)
+        if record.status is JobStatus.PENDING:  # cancelled before its task began to run
+            self._stops.pop(key, None)
+            record.move_to(JobStatus.CANCEL)
+            record.extra = f"cancelled by {by} before it started"
+            await self.store.write([_record_ops(record)])
+            self._finished(key[0], record)
 
     async def delete_backup(self, caller: Caller, backup_id: int) -> None:
         """Drops a finished backup's record now and queues its snapshot's forget durably.

@@ -126,9 +126,10 @@ class StateStore:
     def _compact(self) -> None:
         document = {"format": FORMAT, "version": VERSION, "collections": self._collections}
         temporary = self.path.with_name(self.path.name + ".tmp")
+        # json.dumps uses the C encoder; json.dump to a file would use the slow Python one.
+        text = json.dumps(document, separators=(",", ":")) + "\n"
         with temporary.open("w", encoding="utf-8") as handle:
-            json.dump(document, handle, separators=(",", ":"))
-            handle.write("\n")
+            handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, self.path)
