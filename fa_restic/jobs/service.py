@@ -324,9 +324,8 @@ class JobService:
             created_at=utc_now(),
             sequence=self._next_sequence(),
         )
-        self.backups[backup_id] = record
         self._progress.pop(("backup", backup_id), None)
-        await self.store.write([_record_ops(record)])
+        await self._write_new(self.backups, record)
         log.info("backup %d: accepted from %s for %s", backup_id, caller.user, path)
         self.scheduler.enqueue(("backup", backup_id), record.sequence)
         return record
@@ -356,9 +355,8 @@ class JobService:
             created_at=utc_now(),
             sequence=self._next_sequence(),
         )
-        self.restores[restore_id] = record
         self._progress.pop(("restore", restore_id), None)
-        await self.store.write([_record_ops(record)])
+        await self._write_new(self.restores, record)
         log.info(
             "restore %d: accepted from %s, backup %d into %s",
             restore_id,
@@ -368,6 +366,21 @@ class JobService:
         )
         self.scheduler.enqueue(("restore", restore_id), record.sequence)
         return record
+
+    async def _write_new(
+        self, records: dict[int, Any], record: BackupRecord | RestoreRecord
+    ) -> None:
+        """Adds a record and writes it; raises OSError, with the old record back, if it fails."""
+        previous = records.get(record.id)
+        records[record.id] = record
+        try:
+            await self.store.write([_record_ops(record)])
+        except OSError:
+            if previous is None:
+                del records[record.id]
+            else:
+                records[record.id] = previous
+            raise
 
     # -- cancel and delete ------------------------------------------------------------
 
@@ -690,7 +703,7 @@ class JobService:
         if state.unlock_wanted:
             return ExclusiveWork("unlock", self._unlock)
         if self.forgets:
-            return ExclusiveWork("forget", self._forget)
+            return ExclusiveWork("forget", self._forget, preemptible=True)
         interval = self.options.prune_interval_seconds
         if state.prune_wanted and (state.last_prune == 0.0 or now - state.last_prune >= interval):
             return ExclusiveWork("prune", self._prune, preemptible=True)

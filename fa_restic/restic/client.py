@@ -38,6 +38,9 @@ from fa_restic.restic.messages import (
 log = logging.getLogger("fa_restic.restic")
 
 EXIT_INCOMPLETE = 3
+EXIT_GO_CRASH = 2
+"""The Go runtime's exit code after an unrecovered panic or a fatal runtime error."""
+GO_CRASH_PREFIXES = ("panic: ", "fatal error: ")
 FULL_ID_LENGTH = 64
 ITEM_ERRORS_KEPT = 5
 
@@ -130,20 +133,42 @@ class Restic:
         on_stderr: runner.LineHandler | None = None,
         on_start: runner.StartHandler | None = None,
     ) -> runner.Completed:
+        """Runs restic; raises ResticError if it cannot start or crashed (a Go panic)."""
+        crash: list[str] = []
+
+        def watch_stderr(line: str) -> None:
+            # A Go panic prints its reason first and then a stack that can be longer than
+            # the stderr tail kept for messages: remember the reason as it goes by.
+            if not crash and line.startswith(GO_CRASH_PREFIXES):
+                crash.append(line)
+            if on_stderr is not None:
+                on_stderr(line)
+
         try:
-            return await runner.run(
+            completed = await runner.run(
                 argv,
                 self._environment,
                 cwd=cwd,
                 on_stdout=on_stdout,
-                on_stderr=on_stderr,
+                on_stderr=watch_stderr,
                 on_start=on_start,
                 grace_seconds=self._grace_seconds,
+                after_forced_stop=self._remove_stale_locks,
             )
         except OSError as error:
             raise ResticError(
                 ErrorKind.BINARY, f"cannot run {argv[0]}: {error.strerror or error}"
             ) from None
+        if completed.exit_code == EXIT_GO_CRASH and crash:
+            raise ResticError(
+                ErrorKind.FATAL, clean_line(f"restic crashed: {crash[0]}"), EXIT_GO_CRASH
+            )
+        return completed
+
+    async def _remove_stale_locks(self) -> None:
+        # A restic killed by SIGTERM (0.14 does not handle it) or SIGKILL leaves its lock.
+        with contextlib.suppress(ResticError, OSError):
+            await self.unlock()
 
     async def _checked(self, argv: Argv, **options: object) -> runner.Completed:
         completed = await self._run(argv, **options)  # type: ignore[arg-type]

@@ -113,20 +113,24 @@ class ResticProcess:
     def pid(self) -> int:
         return self._process.pid
 
-    async def stop(self) -> None:
-        """Interrupts restic: SIGINT, then SIGTERM and SIGKILL if it outlives the grace period."""
+    async def stop(self) -> bool:
+        """Interrupts restic: SIGINT, then SIGTERM and SIGKILL if it outlives the grace period.
+
+        Returns True if it took more than SIGINT (restic then may have left its lock).
+        """
         for sig, wait in (
             (signal.SIGINT, self._grace_seconds),
             (signal.SIGTERM, 1.0),
             (signal.SIGKILL, 5.0),
         ):
             if self._process.returncode is not None:
-                return
+                return sig is not signal.SIGINT
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self._process.pid, sig)
             log.info("restic pid=%d sent %s", self._process.pid, sig.name)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._process.wait(), wait)
+        return True
 
 
 async def run(
@@ -138,13 +142,15 @@ async def run(
     on_stderr: LineHandler | None = None,
     on_start: StartHandler | None = None,
     grace_seconds: float = 3.0,
+    after_forced_stop: Callable[[], Awaitable[None]] | None = None,
 ) -> Completed:
     """Runs restic to its end and returns how it ended.
 
     stdout goes line by line to `on_stdout`, or is collected into `Completed.stdout`
     when there is no handler. Cancelling the caller stops restic (SIGINT first) and
-    waits for it before the CancelledError goes on. Raises OSError if restic cannot
-    be started.
+    waits for it before the CancelledError goes on; if restic had to be killed,
+    `after_forced_stop` runs first (to remove the lock it left). Raises OSError if
+    restic cannot be started.
     """
     log.debug("restic start: %s", " ".join(argv))
     process = await asyncio.create_subprocess_exec(
@@ -177,10 +183,13 @@ async def run(
         await readers
         exit_code = await process.wait()
     except BaseException:
-        await asyncio.shield(handle.stop())
+        forced = await asyncio.shield(handle.stop())
         readers.cancel()
         with contextlib.suppress(BaseException):
             await readers
+        if forced and after_forced_stop is not None:
+            log.warning("restic pid=%d needed more than SIGINT to stop", process.pid)
+            await asyncio.shield(after_forced_stop())
         raise
     log.debug("restic pid=%d exit=%d", process.pid, exit_code)
     return Completed(

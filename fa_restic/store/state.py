@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger("fa_restic.store")
 
 FORMAT = "fa-restic-state"
 VERSION = 1
@@ -128,10 +131,14 @@ class StateStore:
         temporary = self.path.with_name(self.path.name + ".tmp")
         # json.dumps uses the C encoder; json.dump to a file would use the slow Python one.
         text = json.dumps(document, separators=(",", ":")) + "\n"
-        with temporary.open("w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
+        try:
+            with temporary.open("w", encoding="utf-8") as handle:
+                handle.write(text)
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError:
+            temporary.unlink(missing_ok=True)
+            raise
         os.replace(temporary, self.path)
         _fsync_folder(self.path.parent)
         if self._journal is not None:
@@ -144,16 +151,27 @@ class StateStore:
     def _write_now(self, operations: list[Operation]) -> None:
         entry = {"ops": [_encode(operation) for operation in operations]}
         line = json.dumps(entry, separators=(",", ":")).encode("utf-8") + b"\n"
-        self._journal.write(line)
-        self._journal.flush()
-        os.fsync(self._journal.fileno())
+        end = self._journal.tell()
+        try:
+            self._journal.write(line)
+            self._journal.flush()
+            os.fsync(self._journal.fileno())
+        except OSError:
+            # A line cut short (disk full) must not glue itself to the next one.
+            self._journal.seek(end)
+            self._journal.truncate(end)
+            raise
         _apply(self._collections, entry)
         self._journal_lines += 1
         records = sum(len(records) for records in self._collections.values())
         # Fold in when the journal is as long as the file: the rewrite costs O(records)
         # once every O(records) writes, so each write costs O(1) on average.
         if self._journal_lines >= max(MIN_COMPACTION_LINES, records):
-            self._compact()
+            try:
+                self._compact()
+            except OSError as error:  # the journal still holds everything: try again later
+                log.error("state: could not fold the journal into %s: %s", self.path, error)
+                self._journal_lines = 0
 
     async def write(self, operations: Iterable[Operation]) -> None:
         """Persists a batch of changes atomically; returns once they are on disk (fsync)."""
