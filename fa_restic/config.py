@@ -49,7 +49,7 @@ class RepositorySettings(_Section):
 class ResticSettings(_Section):
     binary: str = "restic"
     cache_dir: Path = Path("var/cache")
-    progress_fps: Annotated[float, Field(gt=0, le=60)] = 1.0
+    progress_fps: Annotated[float, Field(gt=0, le=60)] = 2.0
 
 
 class JobSettings(_Section):

@@ -38,6 +38,7 @@ async def record_of(restic: Restic, snapshot: Snapshot) -> BackupRecord | None:
     assert user is not None
     backup_id = int(backup_id_text)
     total_size, pack_size = await restic.backup_sizes(snapshot)
+    file_count = snapshot.summary.total_files_processed if snapshot.summary else 0
     moment = _parse_time(snapshot.time)
     return BackupRecord(
         id=backup_id,
@@ -46,6 +47,7 @@ async def record_of(restic: Restic, snapshot: Snapshot) -> BackupRecord | None:
         status=JobStatus.SUCCESS,
         total_size=total_size,
         pack_size=pack_size,
+        file_count=file_count,
         snapshot_id=snapshot.id,
         created_at=moment,
         started_at=moment,
@@ -57,33 +59,40 @@ async def record_of(restic: Restic, snapshot: Snapshot) -> BackupRecord | None:
 async def rebuild_state(settings: Settings) -> int:
     """Writes a state file with one success record per tagged snapshot; returns the exit code.
 
-    A state file already there is moved aside (its readable restore records are kept).
+    Run it while the service is stopped. A state file already there is moved aside;
+    if it is readable, its restore records and its queued forgets are kept (a snapshot
+    waiting to be forgotten does not come back as a record).
     """
     restic = await make_restic(settings)
+    path = settings.paths.state_file
+    journal = path.with_name(path.name + ".journal")
+    kept: dict[str, dict[str, dict[str, object]]] = {}
+    if path.exists() or journal.exists():
+        try:
+            old = StateStore(path).load()
+            kept = {name: old.get(name, {}) for name in ("restore", "forget")}
+        except StateError as error:
+            log.warning("old state unreadable; restores and queued forgets not kept: %s", error)
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        for old_file in (path, journal):
+            if old_file.exists():
+                old_file.rename(old_file.with_name(f"{old_file.name}.before-rebuild-{stamp}"))
+                log.warning("moved %s aside", old_file)
     snapshots = await restic.snapshots()
     records: dict[int, BackupRecord] = {}
     for snapshot in sorted(snapshots, key=lambda snapshot: snapshot.time):
+        if snapshot.id in kept.get("forget", {}):
+            continue
         record = await record_of(restic, snapshot)
         if record is not None:
             records[record.id] = record  # the newest snapshot of an id wins
-    path = settings.paths.state_file
-    restores: dict[str, dict[str, object]] = {}
-    if path.exists() or path.with_name(path.name + ".journal").exists():
-        try:
-            restores = StateStore(path).load().get("restore", {})
-        except StateError as error:
-            log.warning("old state unreadable, restore records not kept: %s", error)
-        stamp = time.strftime("%Y%m%dT%H%M%S")
-        for old in (path, path.with_name(path.name + ".journal")):
-            if old.exists():
-                old.rename(old.with_name(f"{old.name}.before-rebuild-{stamp}"))
-                log.warning("moved %s aside", old)
     store = StateStore(path)
     store.load()
     operations = [
         Put("backup", str(record.id), record.model_dump(mode="json")) for record in records.values()
     ]
-    operations += [Put("restore", key, value) for key, value in restores.items()]
+    for name, values in kept.items():
+        operations += [Put(name, key, value) for key, value in values.items()]
     await store.write(operations)
     store.close()
     log.info("rebuilt %s: %d backup records from %d snapshots", path, len(records), len(snapshots))

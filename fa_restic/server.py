@@ -37,6 +37,7 @@ async def build_app(settings: Settings) -> web.Application:
         lock_wait_seconds=settings.jobs.lock_wait_seconds,
         prune_interval_seconds=settings.maintenance.prune_interval_seconds,
         local_repository=local_repository_path(settings),
+        data_root=settings.paths.data_root,
     )
     service = JobService(
         options, StateStore(settings.paths.state_file), restic, Metrics(str(restic.version))

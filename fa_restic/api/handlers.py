@@ -130,10 +130,12 @@ class Handlers:
         caller = self._caller(request)
         backup_id = self._url_id(request, DELETE)
         try:
-            await self.service.delete_backup(caller, backup_id)
+            snapshot_id = await self.service.delete_backup(caller, backup_id)
         except JobError as error:
             raise bad_request(DELETE, str(error)) from None
-        return success({"id": backup_id, "forget": "queued"})
+        return success(
+            {"id": backup_id, "forget": "queued" if snapshot_id else "no snapshot to forget"}
+        )
 
     async def _cancel(self, request: web.Request, kind: JobKind, prefix: str) -> web.Response:
         caller = self._caller(request)
@@ -204,6 +206,8 @@ class Handlers:
             raise bad_request(DESTROY, str(error)) from None
         except ResticError as error:
             raise ApiError(500, 500, f"{DESTROY}: {error.message}") from None
+        except OSError as error:
+            raise ApiError(500, 500, f"{DESTROY}: {error.strerror or error}") from None
         return success(report)
 
     async def repository_destroyed(self, request: web.Request) -> web.Response:

@@ -48,6 +48,7 @@ class BackupOutcome:
     snapshot_id: str
     total_size: int
     pack_size: int
+    file_count: int
     extra: str
 
 
@@ -83,5 +84,6 @@ async def run_backup(
         snapshot_id=result.snapshot_id,
         total_size=summary.total_bytes_processed,
         pack_size=summary.pack_size,
+        file_count=summary.total_files_processed,
         extra=describe_incomplete(result) if result.incomplete else "",
     )

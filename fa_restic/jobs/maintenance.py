@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import shutil
 from collections.abc import Callable
@@ -22,7 +23,6 @@ FAILURE_BACKOFF_SECONDS = (5.0, 30.0, 120.0, 600.0)
 class MaintenanceState:
     """What maintenance owes the repository; the job layer persists it."""
 
-    unlock_wanted: bool = False
     prune_wanted: bool = False
     last_prune: float = 0.0
     failures: int = 0
@@ -65,6 +65,24 @@ async def prune(restic: Restic, lock_wait: float) -> None:
     await retry_transient(run, lock_wait, "prune")
 
 
+def _remove_folder(path: Path) -> None:
+    """Removes a folder's contents, then the folder itself where that is allowed.
+
+    Under systemd the repository folder may be a ReadWritePaths mount point that
+    cannot itself be removed; an empty folder is as good (restic init fills it).
+    Raises OSError when the contents cannot be removed.
+    """
+    if not path.exists():
+        return
+    for child in path.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+    with contextlib.suppress(OSError):
+        path.rmdir()
+
+
 @dataclass(frozen=True)
 class DestroyReport:
     method: str
@@ -83,7 +101,7 @@ async def destroy(
         except ResticError as error:
             if error.kind is not ErrorKind.REPOSITORY_MISSING:
                 log.warning("destroy: could not count snapshots: %s", error)
-        await asyncio.to_thread(shutil.rmtree, local_path, ignore_errors=True)
+        await asyncio.to_thread(_remove_folder, local_path)
         return DestroyReport("removed the local repository folder", count)
     on_phase("forgetting every snapshot")
     try:

@@ -83,6 +83,8 @@ class JobRecord(BaseModel):
     created_at: datetime
     started_at: datetime | None = None
     finished_at: datetime | None = None
+    file_count: int = 0
+    """Files processed (backup) or restored (restore), once successful."""
     attempts: int = 0
     sequence: int = 0
     """Queue order: pending jobs start in ascending sequence."""

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fa_restic.jobs import maintenance
-from fa_restic.jobs.backup import BackupOutcome, run_backup, snapshot_tags
+from fa_restic.jobs.backup import run_backup, snapshot_tags
 from fa_restic.jobs.errors import JobConflict, UnknownJob
 from fa_restic.jobs.models import (
     BackupRecord,
@@ -53,6 +53,8 @@ class JobOptions:
     prune_interval_seconds: float = 3600.0
     local_repository: Path | None = None
     """The repository's folder when it is on this machine (destroy removes it)."""
+    data_root: Path = Path("var/data")
+    """User homes are <data_root>/users/<user>."""
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,17 @@ class Caller:
 class _Stop:
     reason: StopReason
     by: str = ""
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """What a finished backup or restore reports."""
+
+    total_size: int
+    pack_size: int
+    file_count: int
+    extra: str
+    snapshot_id: str | None = None
 
 
 @dataclass
@@ -156,14 +169,19 @@ class JobService:
             await self._ensure_repository()
         if await self._guarded("unlock", self.restic.unlock) == "ok":
             log.info("stale locks removed (restic unlock)")
+        await self._settle_all()
+
+    async def _settle_all(self) -> None:
         for record in [record for record in self.backups.values() if record.unsettled]:
             try:
                 await self._settle(record)
             except ResticError as error:
                 log.error("backup %d: could not look for its snapshots: %s", record.id, error)
+                self._meta.state.failed(time.monotonic())
+                return
 
     async def _settle(self, record: BackupRecord) -> None:
-        """Settles the snapshots of a backup whose attempt a crash cut short.
+        """Settles the snapshots of a backup whose attempt was cut short (crash, stop, cancel).
 
         restic may have made the snapshot just before the service died. If the job is
         to run again, the newest such snapshot is adopted instead; any other is forgotten,
@@ -287,7 +305,12 @@ class JobService:
             return live
         if record.status is JobStatus.SUCCESS:
             return Progress(
-                percent_done=1.0, bytes_done=record.total_size, total_bytes=record.total_size
+                percent_done=1.0,
+                bytes_done=record.total_size,
+                total_bytes=record.total_size,
+                files_done=record.file_count,
+                total_files=record.file_count,
+                seconds_remaining=0,
             )
         return Progress()
 
@@ -313,10 +336,11 @@ class JobService:
         """Records a backup durably and queues it; raises JobConflict if the id is in use."""
         self._refuse_while_destroying()
         existing = self.backups.get(backup_id)
-        if existing is not None and (
-            existing.status.is_active or existing.status is JobStatus.SUCCESS
-        ):
-            raise JobConflict(f"backup id {backup_id} is in use ({existing.status})")
+        if existing is not None:
+            if existing.user != caller.user:  # ids are global; say nothing of another's job
+                raise JobConflict(f"backup id {backup_id} is in use")
+            if existing.status.is_active or existing.status is JobStatus.SUCCESS:
+                raise JobConflict(f"backup id {backup_id} is in use ({existing.status})")
         record = BackupRecord(
             id=backup_id,
             user=caller.user,
@@ -455,10 +479,11 @@ class JobService:
             await self.store.write([_record_ops(record)])
             self._finished(key[0], record)
 
-    async def delete_backup(self, caller: Caller, backup_id: int) -> None:
+    async def delete_backup(self, caller: Caller, backup_id: int) -> str | None:
         """Drops a finished backup's record now and queues its snapshot's forget durably.
 
-        Raises UnknownJob, or JobConflict while it is pending or running.
+        Returns the snapshot id to be forgotten (None if the backup made none). Raises
+        UnknownJob, or JobConflict while it is pending or running.
         """
         record = self.backups.get(backup_id)
         if record is None or not caller.may_see(record):
@@ -466,6 +491,7 @@ class JobService:
         if record.status.is_active:
             raise JobConflict(f"backup {backup_id} is {record.status}: cancel it first")
         operations: list[Operation] = [Delete("backup", str(backup_id))]
+        forget: ForgetRecord | None = None
         if record.snapshot_id is not None:
             forget = ForgetRecord(
                 snapshot_id=record.snapshot_id,
@@ -473,14 +499,22 @@ class JobService:
                 user=record.user,
                 queued_at=utc_now(),
             )
-            self.forgets[forget.snapshot_id] = forget
             operations.append(Put("forget", forget.snapshot_id, forget.model_dump(mode="json")))
-        del self.backups[backup_id]
-        self._progress.pop(("backup", backup_id), None)
         await self.store.write(operations)
-        log.info("backup %d: deleted by %s; forget of its snapshot queued", backup_id, caller.user)
+        if self.backups.get(backup_id) is record:
+            del self.backups[backup_id]
+        self._progress.pop(("backup", backup_id), None)
+        if forget is not None:
+            self.forgets[forget.snapshot_id] = forget
+        log.info(
+            "backup %d: deleted by %s%s",
+            backup_id,
+            caller.user,
+            "; forget of its snapshot queued" if forget else "",
+        )
         self._meta.state.succeeded()
         self.scheduler.wake()
+        return forget.snapshot_id if forget else None
 
     # -- destroy ----------------------------------------------------------------------
 
@@ -575,48 +609,16 @@ class JobService:
         record.move_to(JobStatus.RUNNING)
         record.attempts += 1
         record.extra = ""
+        record.total_size = record.pack_size = record.file_count = 0
         self._progress[key] = Progress()
         await self.store.write([_record_ops(record)])
         log.info("%s %d: started (attempt %d)", kind, job_id, record.attempts)
         started = time.monotonic()
-
-        async def on_start(pid: int) -> None:
-            assert record is not None
-            record.pid = pid
-            record.pid_start = runner.process_start_ticks(pid)
-            await self.store.write([_record_ops(record)])
-
-        def on_progress(progress: Progress) -> None:
-            assert record is not None
-            self._progress[key] = progress
-            record.total_size = progress.bytes_done
-
         try:
             if isinstance(record, BackupRecord):
-                await self._ensure_repository()
-                outcome: BackupOutcome | int = await retry_transient(
-                    lambda: run_backup(
-                        self.restic, job_id, record.user, Path(record.path), on_progress, on_start
-                    ),
-                    self.options.lock_wait_seconds,
-                    f"backup {job_id}",
-                )
+                result = await self._back_up(key, record)
             else:
-                await asyncio.to_thread(
-                    make_folder, Path(record.dst_path), self._home_of(Path(record.dst_path))
-                )
-                result = await retry_transient(
-                    lambda: run_restore(
-                        self.restic,
-                        record.snapshot_id,
-                        Path(record.dst_path),
-                        on_progress,
-                        on_start,
-                    ),
-                    self.options.lock_wait_seconds,
-                    f"restore {job_id}",
-                )
-                outcome = result.bytes_restored
+                result = await self._restore(key, record)
         except asyncio.CancelledError:
             await asyncio.shield(self._interrupted(key, record))
             return
@@ -626,28 +628,62 @@ class JobService:
             return
         finally:
             self.metrics.observe_duration(kind, time.monotonic() - started)
+        record.total_size, record.pack_size = result.total_size, result.pack_size
+        record.file_count = result.file_count
         if isinstance(record, BackupRecord):
-            assert isinstance(outcome, BackupOutcome)
-            record.snapshot_id = outcome.snapshot_id
-            record.total_size = outcome.total_size
-            record.pack_size = outcome.pack_size
-            extra = outcome.extra
-        else:
-            assert isinstance(outcome, int)
-            record.total_size = outcome
-            record.pack_size = 0
-            extra = ""
-        await asyncio.shield(self._end(key, record, JobStatus.SUCCESS, extra))
+            record.snapshot_id = result.snapshot_id
+        await asyncio.shield(self._end(key, record, JobStatus.SUCCESS, result.extra))
 
-    def _home_of(self, path: Path) -> Path:
-        # dst_path is <data_root>/users/<user>/...: the home is the third part from the root.
-        for parent in [path, *path.parents]:
-            if parent.parent.name == "users":
-                return parent
-        return path.parent
+    def _progress_handlers(
+        self, key: JobKey, record: JobRecord
+    ) -> tuple[Callable[[Progress], None], Callable[[int], Awaitable[None]]]:
+        """Returns the callbacks that follow restic's progress and record its pid."""
+
+        def on_progress(progress: Progress) -> None:
+            self._progress[key] = progress
+            record.total_size = progress.bytes_done
+
+        async def on_start(pid: int) -> None:
+            record.pid = pid
+            record.pid_start = runner.process_start_ticks(pid)
+            await self.store.write([_record_ops(record)])
+
+        return on_progress, on_start
+
+    async def _back_up(self, key: JobKey, record: BackupRecord) -> JobResult:
+        await self._ensure_repository()
+        on_progress, on_start = self._progress_handlers(key, record)
+        outcome = await retry_transient(
+            lambda: run_backup(
+                self.restic, record.id, record.user, Path(record.path), on_progress, on_start
+            ),
+            self.options.lock_wait_seconds,
+            f"backup {record.id}",
+        )
+        return JobResult(
+            outcome.total_size,
+            outcome.pack_size,
+            outcome.file_count,
+            outcome.extra,
+            outcome.snapshot_id,
+        )
+
+    async def _restore(self, key: JobKey, record: RestoreRecord) -> JobResult:
+        target = Path(record.dst_path)
+        home = self.options.data_root / "users" / record.user
+        await asyncio.to_thread(make_folder, target, home)
+        on_progress, on_start = self._progress_handlers(key, record)
+        restored = await retry_transient(
+            lambda: run_restore(self.restic, record.snapshot_id, target, on_progress, on_start),
+            self.options.lock_wait_seconds,
+            f"restore {record.id}",
+        )
+        return JobResult(restored.bytes_restored, 0, restored.files_restored, "")
 
     async def _interrupted(self, key: JobKey, record: JobRecord) -> None:
         stop = self._stops.pop(key, _Stop("shutdown"))
+        if isinstance(record, BackupRecord):
+            record.unsettled = True  # restic may have saved the snapshot as the signal came
         if stop.reason == "shutdown":
             record.move_to(JobStatus.PENDING)
             record.attempts -= 1  # the service stopped, not the job: this try does not count
@@ -659,10 +695,7 @@ class JobService:
         extra = f"cancelled by {stop.by}"
         if isinstance(record, RestoreRecord):
             extra += f"; partially restored files may remain in {record.dst_path}"
-        # An interrupted backup leaves unreferenced data, and a restic that needed
-        # SIGKILL leaves its lock.
-        self._meta.state.prune_wanted = True
-        self._meta.state.unlock_wanted = True
+        self._meta.state.prune_wanted = True  # an interrupted backup leaves unreferenced data
         await self._end(key, record, JobStatus.CANCEL, extra)
 
     async def _end(self, key: JobKey, record: JobRecord, status: JobStatus, extra: str) -> None:
@@ -700,8 +733,8 @@ class JobService:
         now = time.monotonic()
         if now < state.next_try:
             return None
-        if state.unlock_wanted:
-            return ExclusiveWork("unlock", self._unlock)
+        if any(record.unsettled and record.status.is_terminal for record in self.backups.values()):
+            return ExclusiveWork("settle", self._settle_all)
         if self.forgets:
             return ExclusiveWork("forget", self._forget, preemptible=True)
         interval = self.options.prune_interval_seconds
@@ -722,11 +755,6 @@ class JobService:
             return "failed"
         self._meta.state.succeeded()
         return "ok"
-
-    async def _unlock(self) -> None:
-        if await self._guarded("unlock", self.restic.unlock) == "ok":
-            log.info("maintenance: stale locks removed (restic unlock)")
-        self._meta.state.unlock_wanted = False
 
     async def _forget(self) -> None:
         ids = sorted(self.forgets)
