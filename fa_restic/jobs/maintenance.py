@@ -6,17 +6,25 @@ import asyncio
 import contextlib
 import logging
 import shutil
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
 
+from fa_restic.jobs.models import ForgetRecord
 from fa_restic.jobs.retry import retry_transient
+from fa_restic.jobs.scheduler import ExclusiveWork
 from fa_restic.restic.client import Restic
 from fa_restic.restic.errors import ErrorKind, ResticError
+from fa_restic.store import Delete, Operation, Put, StateStore
 
 log = logging.getLogger("fa_restic.jobs")
 
 FAILURE_BACKOFF_SECONDS = (5.0, 30.0, 120.0, 600.0)
+STATE_KEY = "upkeep"
+
+Outcome = Literal["ok", "failed", "no-repository"]
 
 
 @dataclass
@@ -37,6 +45,119 @@ class MaintenanceState:
     def succeeded(self) -> None:
         self.failures = 0
         self.next_try = 0.0
+
+    @property
+    def resting(self) -> bool:
+        """True while backing off after a failure."""
+        return time.monotonic() < self.next_try
+
+
+class Upkeep:
+    """The repository's upkeep between jobs: the durable forget queue and prune scheduling.
+
+    The scheduler asks `pick` for work when no job runs or waits.
+    """
+
+    def __init__(
+        self, restic: Restic, store: StateStore, lock_wait: float, prune_interval: float
+    ) -> None:
+        self.restic = restic
+        self.store = store
+        self.lock_wait = lock_wait
+        self.prune_interval = prune_interval
+        self.forgets: dict[str, ForgetRecord] = {}
+        self.state = MaintenanceState()
+
+    def load(self, collections: dict[str, dict[str, dict[str, Any]]]) -> None:
+        """Takes the forget queue and prune wish from the state file's records."""
+        self.forgets = {
+            key: ForgetRecord.model_validate(value)
+            for key, value in collections.get("forget", {}).items()
+        }
+        saved = collections.get("meta", {}).get(STATE_KEY, {})
+        self.state.prune_wanted = bool(saved.get("prune_wanted", False))
+
+    def state_op(self) -> Put:
+        return Put("meta", STATE_KEY, {"prune_wanted": self.state.prune_wanted})
+
+    def want_prune(self) -> Put:
+        """Asks for a prune (interrupted backups leave unused data); returns the change."""
+        self.state.prune_wanted = True
+        return self.state_op()
+
+    @staticmethod
+    def forget_op(forget: ForgetRecord) -> Put:
+        return Put("forget", forget.snapshot_id, forget.model_dump(mode="json"))
+
+    def queue(self, forget: ForgetRecord) -> None:
+        """Adds a forget, once its `forget_op` is on disk."""
+        self.forgets[forget.snapshot_id] = forget
+        self.state.succeeded()  # new work: no reason to wait out an old failure
+
+    def clear(self) -> list[Operation]:
+        """Drops every queued forget and the prune wish (the repository is gone)."""
+        operations: list[Operation] = [Delete("forget", key) for key in self.forgets]
+        self.forgets.clear()
+        self.state.prune_wanted = False
+        return [*operations, self.state_op()]
+
+    def pick(self) -> ExclusiveWork | None:
+        """Returns the upkeep due now, or None."""
+        if self.state.resting:
+            return None
+        if self.forgets:
+            return ExclusiveWork("forget", self._forget, preemptible=True)
+        since = time.monotonic() - self.state.last_prune
+        if self.state.prune_wanted and (
+            self.state.last_prune == 0.0 or since >= self.prune_interval
+        ):
+            return ExclusiveWork("prune", self._prune, preemptible=True)
+        return None
+
+    async def guarded(self, name: str, work: Callable[[], Awaitable[None]]) -> Outcome:
+        """Runs repository work; returns how it went, backing off after a failure."""
+        try:
+            await work()
+        except ResticError as error:
+            if error.kind is ErrorKind.REPOSITORY_MISSING:
+                self.state.succeeded()
+                return "no-repository"
+            log.error("maintenance %s failed: %s", name, error)
+            self.state.failed(time.monotonic())
+            return "failed"
+        self.state.succeeded()
+        return "ok"
+
+    async def _forget(self) -> None:
+        ids = sorted(self.forgets)
+        gone: list[str] = []
+
+        async def work() -> None:
+            gone.extend(await forget_snapshots(self.restic, ids, self.lock_wait))
+
+        outcome = await self.guarded("forget", work)
+        if outcome == "no-repository":
+            gone = ids  # no repository: nothing left to forget
+        if gone:
+            for snapshot_id in gone:
+                del self.forgets[snapshot_id]
+            deletes: list[Operation] = [Delete("forget", key) for key in gone]
+            await self.store.write([*deletes, self.want_prune()])
+            log.info("maintenance: forgot %d snapshots", len(gone))
+        if outcome == "ok" and len(gone) < len(ids):
+            self.state.failed(time.monotonic())
+
+    async def _prune(self) -> None:
+        started = time.monotonic()
+
+        async def work() -> None:
+            await prune(self.restic, self.lock_wait)
+
+        if await self.guarded("prune", work) == "ok":
+            self.state.prune_wanted = False
+            self.state.last_prune = time.monotonic()
+            await self.store.write([self.state_op()])
+            log.info("maintenance: pruned in %.1fs", time.monotonic() - started)
 
 
 async def forget_snapshots(restic: Restic, snapshot_ids: list[str], lock_wait: float) -> list[str]:

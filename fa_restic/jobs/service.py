@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -35,14 +35,13 @@ from fa_restic.jobs.scheduler import ExclusiveWork, JobKey, Scheduler
 from fa_restic.metrics import Metrics
 from fa_restic.restic import runner
 from fa_restic.restic.client import Restic
-from fa_restic.restic.errors import ErrorKind, ResticError
+from fa_restic.restic.errors import ResticError
 from fa_restic.store import Delete, Operation, Put, StateStore
 
 log = logging.getLogger("fa_restic.jobs")
 
 StopReason = Literal["cancel", "shutdown"]
-Outcome = Literal["ok", "failed", "no-repository"]
-META_KEY = "maintenance"
+REPOSITORY_KEY = "repository"
 
 
 @dataclass(frozen=True)
@@ -90,12 +89,6 @@ class Health:
     maintenance: str | None
 
 
-@dataclass
-class _Meta:
-    destroyed: bool = False
-    state: maintenance.MaintenanceState = field(default_factory=maintenance.MaintenanceState)
-
-
 def _record_ops(record: JobRecord) -> Put:
     kind = "backup" if isinstance(record, BackupRecord) else "restore"
     return Put(kind, str(record.id), record.model_dump(mode="json"))
@@ -113,10 +106,12 @@ class JobService:
         self.metrics = metrics
         self.backups: dict[int, BackupRecord] = {}
         self.restores: dict[int, RestoreRecord] = {}
-        self.forgets: dict[str, ForgetRecord] = {}
+        self.upkeep = maintenance.Upkeep(
+            restic, store, options.lock_wait_seconds, options.prune_interval_seconds
+        )
         self._progress: dict[JobKey, Progress] = {}
         self._stops: dict[JobKey, _Stop] = {}
-        self._meta = _Meta()
+        self._destroyed = False
         self._sequence = 0
         self._repository_ready = False
         self._repository_lock = asyncio.Lock()
@@ -138,14 +133,14 @@ class JobService:
             int(key): RestoreRecord.model_validate(value)
             for key, value in collections.get("restore", {}).items()
         }
-        self.forgets = {
-            key: ForgetRecord.model_validate(value)
-            for key, value in collections.get("forget", {}).items()
-        }
-        meta = collections.get("meta", {}).get(META_KEY)
-        if meta is not None:
-            self._meta.destroyed = bool(meta.get("destroyed", False))
-            self._meta.state.prune_wanted = bool(meta.get("prune_wanted", False))
+        self.upkeep.load(collections)
+        saved = collections.get("meta", {}).get(REPOSITORY_KEY, {})
+        self._destroyed = bool(saved.get("destroyed", False))
+
+    @property
+    def forgets(self) -> dict[str, ForgetRecord]:
+        """Snapshots of deleted backups still to be forgotten."""
+        return self.upkeep.forgets
 
     async def start(self) -> None:
         """Scrubs what a dead predecessor left and starts the scheduler (after `load`).
@@ -165,9 +160,9 @@ class JobService:
         self._background(preparation, "prepare the repository")
 
     async def _prepare_repository(self) -> None:
-        if not self._meta.destroyed:
+        if not self._destroyed:
             await self._ensure_repository()
-        if await self._guarded("unlock", self.restic.unlock) == "ok":
+        if await self.upkeep.guarded("unlock", self.restic.unlock) == "ok":
             log.info("stale locks removed (restic unlock)")
         await self._settle_all()
 
@@ -177,7 +172,7 @@ class JobService:
                 await self._settle(record)
             except ResticError as error:
                 log.error("backup %d: could not look for its snapshots: %s", record.id, error)
-                self._meta.state.failed(time.monotonic())
+                self.upkeep.state.failed(time.monotonic())
                 return
 
     async def _settle(self, record: BackupRecord) -> None:
@@ -215,8 +210,8 @@ class JobService:
             forget = ForgetRecord(
                 snapshot_id=orphan.id, backup_id=backup_id, user=record.user, queued_at=utc_now()
             )
-            self.forgets[orphan.id] = forget
-            operations.append(Put("forget", orphan.id, forget.model_dump(mode="json")))
+            self.upkeep.queue(forget)
+            operations.append(self.upkeep.forget_op(forget))
             log.warning(
                 "backup %d: snapshot %s of an interrupted attempt will be forgotten",
                 backup_id,
@@ -499,20 +494,19 @@ class JobService:
                 user=record.user,
                 queued_at=utc_now(),
             )
-            operations.append(Put("forget", forget.snapshot_id, forget.model_dump(mode="json")))
+            operations.append(self.upkeep.forget_op(forget))
         await self.store.write(operations)
         if self.backups.get(backup_id) is record:
             del self.backups[backup_id]
         self._progress.pop(("backup", backup_id), None)
         if forget is not None:
-            self.forgets[forget.snapshot_id] = forget
+            self.upkeep.queue(forget)
         log.info(
             "backup %d: deleted by %s%s",
             backup_id,
             caller.user,
             "; forget of its snapshot queued" if forget else "",
         )
-        self._meta.state.succeeded()
         self.scheduler.wake()
         return forget.snapshot_id if forget else None
 
@@ -520,7 +514,7 @@ class JobService:
 
     @property
     def destroyed(self) -> bool:
-        return self._meta.destroyed
+        return self._destroyed
 
     async def destroy_repository(self, caller: Caller) -> dict[str, Any]:
         """Cancels every job, removes the repository's data, drops every backup record.
@@ -547,13 +541,11 @@ class JobService:
             assert report is not None
             dropped = len(self.backups)
             operations: list[Operation] = [Delete("backup", str(key)) for key in self.backups]
-            operations += [Delete("forget", key) for key in self.forgets]
+            operations += self.upkeep.clear()
             self.backups.clear()
-            self.forgets.clear()
-            self._meta.destroyed = True
-            self._meta.state.prune_wanted = False
+            self._destroyed = True
             self._repository_ready = False
-            operations.append(self._meta_op())
+            operations.append(self._repository_op())
             await self.store.write(operations)
             log.warning(
                 "repository destroyed by %s: %s; %d backup records dropped",
@@ -570,13 +562,8 @@ class JobService:
         finally:
             self._destroying = False
 
-    def _meta_op(self) -> Put:
-        state = self._meta.state
-        return Put(
-            "meta",
-            META_KEY,
-            {"destroyed": self._meta.destroyed, "prune_wanted": state.prune_wanted},
-        )
+    def _repository_op(self) -> Put:
+        return Put("meta", REPOSITORY_KEY, {"destroyed": self._destroyed})
 
     async def _ensure_repository(self) -> None:
         async with self._repository_lock:
@@ -586,9 +573,9 @@ class JobService:
                 self.restic.ensure_initialised, self.options.lock_wait_seconds, "init"
             )
             self._repository_ready = True
-            if created or self._meta.destroyed:
-                self._meta.destroyed = False
-                await self.store.write([self._meta_op()])
+            if created or self._destroyed:
+                self._destroyed = False
+                await self.store.write([self._repository_op()])
 
     # -- running jobs -----------------------------------------------------------------
 
@@ -695,14 +682,20 @@ class JobService:
         extra = f"cancelled by {stop.by}"
         if isinstance(record, RestoreRecord):
             extra += f"; partially restored files may remain in {record.dst_path}"
-        self._meta.state.prune_wanted = True  # an interrupted backup leaves unreferenced data
-        await self._end(key, record, JobStatus.CANCEL, extra)
+        await self._end(key, record, JobStatus.CANCEL, extra, [self.upkeep.want_prune()])
 
-    async def _end(self, key: JobKey, record: JobRecord, status: JobStatus, extra: str) -> None:
+    async def _end(
+        self,
+        key: JobKey,
+        record: JobRecord,
+        status: JobStatus,
+        extra: str,
+        more: Iterable[Operation] = (),
+    ) -> None:
         record.move_to(status)
         record.extra = extra
         self._progress.pop(key, None)
-        await self.store.write([_record_ops(record), self._meta_op()])
+        await self.store.write([_record_ops(record), *more])
         self._finished(key[0], record)
         seconds = (
             (record.finished_at - record.started_at).total_seconds()
@@ -727,67 +720,11 @@ class JobService:
     # -- maintenance ------------------------------------------------------------------
 
     def _pick_maintenance(self) -> ExclusiveWork | None:
-        if self._stopping or self._destroying:
-            return None
-        state = self._meta.state
-        now = time.monotonic()
-        if now < state.next_try:
+        if self._stopping or self._destroying or self.upkeep.state.resting:
             return None
         if any(record.unsettled and record.status.is_terminal for record in self.backups.values()):
             return ExclusiveWork("settle", self._settle_all)
-        if self.forgets:
-            return ExclusiveWork("forget", self._forget, preemptible=True)
-        interval = self.options.prune_interval_seconds
-        if state.prune_wanted and (state.last_prune == 0.0 or now - state.last_prune >= interval):
-            return ExclusiveWork("prune", self._prune, preemptible=True)
-        return None
-
-    async def _guarded(self, name: str, work: Callable[[], Awaitable[None]]) -> Outcome:
-        """Runs maintenance work; returns how it went, backing off after a failure."""
-        try:
-            await work()
-        except ResticError as error:
-            if error.kind is ErrorKind.REPOSITORY_MISSING:
-                self._meta.state.succeeded()
-                return "no-repository"
-            log.error("maintenance %s failed: %s", name, error)
-            self._meta.state.failed(time.monotonic())
-            return "failed"
-        self._meta.state.succeeded()
-        return "ok"
-
-    async def _forget(self) -> None:
-        ids = sorted(self.forgets)
-        gone: list[str] = []
-
-        async def work() -> None:
-            gone.extend(
-                await maintenance.forget_snapshots(self.restic, ids, self.options.lock_wait_seconds)
-            )
-
-        outcome = await self._guarded("forget", work)
-        if outcome == "no-repository":
-            gone = ids  # no repository: nothing left to forget
-        if gone:
-            for snapshot_id in gone:
-                del self.forgets[snapshot_id]
-            self._meta.state.prune_wanted = True
-            await self.store.write([Delete("forget", key) for key in gone] + [self._meta_op()])
-            log.info("maintenance: forgot %d snapshots", len(gone))
-        if outcome == "ok" and len(gone) < len(ids):
-            self._meta.state.failed(time.monotonic())
-
-    async def _prune(self) -> None:
-        started = time.monotonic()
-
-        async def work() -> None:
-            await maintenance.prune(self.restic, self.options.lock_wait_seconds)
-
-        if await self._guarded("prune", work) == "ok":
-            self._meta.state.prune_wanted = False
-            self._meta.state.last_prune = time.monotonic()
-            await self.store.write([self._meta_op()])
-            log.info("maintenance: pruned in %.1fs", time.monotonic() - started)
+        return self.upkeep.pick()
 
 
 def rfc3339(moment: datetime | None) -> str | None:
