@@ -361,10 +361,10 @@ class JobService:
             raise JobConflict(f"backup {backup_id} is {backup.status}, not success")
         existing = self.restores.get(restore_id)
         if existing is not None:
+            if existing.user != caller.user:  # ids are global; say nothing of another's job
+                raise JobConflict(f"restore id {restore_id} is in use")
             if existing.status.is_active:
                 raise JobConflict(f"restore id {restore_id} is in use ({existing.status})")
-            if not caller.may_see(existing):
-                raise JobConflict(f"restore id {restore_id} is in use")
         record = RestoreRecord(
             id=restore_id,
             user=caller.user,
