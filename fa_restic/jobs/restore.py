@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from fa_restic.jobs.models import Progress
+from fa_restic.jobs.staging import open_folder
 from fa_restic.restic.client import Restic, RestoreResult
 from fa_restic.restic.messages import RestoreStatus
 
@@ -26,22 +27,14 @@ def progress_of(status: RestoreStatus) -> Progress:
 
 
 def make_folder(target: Path, owner_of: Path) -> None:
-    """Creates `target` and missing parents, each owned like `owner_of` (the user's home).
+    """Creates `target` and missing parents inside the home `owner_of`, owned like the home.
 
-    The service often runs as root; folders it makes for a user must be the user's.
+    The service often runs as root; folders it makes for a user must be the user's. The
+    folders are walked from the home without following symlinks (StagingError if one is
+    in the way), so a symlink swapped in by the user never makes root create folders
+    elsewhere.
     """
-    missing: list[Path] = []
-    folder = target
-    while not folder.exists():
-        missing.append(folder)
-        folder = folder.parent
-    if not missing:
-        return
-    owner = owner_of.stat()
-    for folder in reversed(missing):
-        folder.mkdir(mode=0o755, exist_ok=True)
-        if os.geteuid() == 0:
-            os.chown(folder, owner.st_uid, owner.st_gid)
+    os.close(open_folder(owner_of, target, create=True))
 
 
 async def run_restore(
@@ -51,7 +44,11 @@ async def run_restore(
     on_progress: ProgressHandler,
     on_start: StartHandler,
 ) -> RestoreResult:
-    """Restores a snapshot into `target`; returns what was restored, raises ResticError."""
+    """Restores a snapshot into `target`; returns what was restored, raises ResticError.
+
+    `target` is restic's own target: a staging folder (see fa_restic.jobs.staging), never
+    a folder of a user's.
+    """
 
     def on_status(status: RestoreStatus) -> None:
         on_progress(progress_of(status))

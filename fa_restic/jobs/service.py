@@ -32,9 +32,10 @@ from fa_restic.jobs.models import (
 from fa_restic.jobs.restore import make_folder, run_restore
 from fa_restic.jobs.retry import retry_transient
 from fa_restic.jobs.scheduler import ExclusiveWork, JobKey, Scheduler
+from fa_restic.jobs.staging import staged_restore
 from fa_restic.metrics import Metrics
 from fa_restic.restic import runner
-from fa_restic.restic.client import Restic
+from fa_restic.restic.client import Restic, RestoreResult
 from fa_restic.restic.errors import ResticError
 from fa_restic.store import Delete, Operation, Put, StateStore
 
@@ -660,10 +661,24 @@ class JobService:
         home = self.options.data_root / "users" / record.user
         await asyncio.to_thread(make_folder, target, home)
         on_progress, on_start = self._progress_handlers(key, record)
-        restored = await retry_transient(
-            lambda: run_restore(self.restic, record.snapshot_id, target, on_progress, on_start),
-            self.options.lock_wait_seconds,
-            f"restore {record.id}",
+        running = [
+            other.id for other in self.restores.values() if other.status is JobStatus.RUNNING
+        ]
+
+        async def restore_into(staging: Path) -> RestoreResult:
+            return await retry_transient(
+                lambda: run_restore(
+                    self.restic, record.snapshot_id, staging, on_progress, on_start
+                ),
+                self.options.lock_wait_seconds,
+                f"restore {record.id}",
+            )
+
+        # restic (as root) never writes into the user's folder itself: it restores into a
+        # private staging folder, whose tree is then moved into dst without following
+        # symlinks (fa_restic.jobs.staging explains why, for every restic version).
+        restored = await staged_restore(
+            self.options.data_root, record.id, home, target, restore_into, active=running
         )
         return JobResult(restored.bytes_restored, 0, restored.files_restored, "")
 

@@ -23,6 +23,10 @@ class Feature(Enum):
     DATA_ADDED_PACKED = "the backup summary has data_added_packed"
     SPECIFIC_EXIT_CODES = "exit codes 10 (no repository), 11 (locked), 12 (wrong password)"
     EXIT_ERROR_JSON = "fatal errors as an exit_error JSON line with --json"
+    RESTORE_REPLACES_SYMLINKS = (
+        "restore replaces a symlink already in the target instead of writing through it"
+        " (not enough to restore as root into a user's folder: see fa_restic.jobs.staging)"
+    )
 
 
 MINIMUM_VERSION = ResticVersion(0, 14, 0)
@@ -33,6 +37,7 @@ FEATURE_TO_MINIMUM_VERSION: dict[Feature, ResticVersion] = {
     Feature.DATA_ADDED_PACKED: ResticVersion(0, 17, 0),
     Feature.SPECIFIC_EXIT_CODES: ResticVersion(0, 17, 0),
     Feature.EXIT_ERROR_JSON: ResticVersion(0, 17, 0),
+    Feature.RESTORE_REPLACES_SYMLINKS: ResticVersion(0, 17, 0),
 }
 
 _VERSION_PATTERN = re.compile(r"restic (\d+)\.(\d+)\.(\d+)")
