@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from fa_restic.restic.features import (
 from fa_restic.restic.messages import (
     BackupStatus,
     BackupSummary,
+    ExitError,
     ItemError,
     RestoreStatus,
     RestoreSummary,
@@ -41,6 +43,20 @@ EXIT_INCOMPLETE = 3
 EXIT_GO_CRASH = 2
 """The Go runtime's exit code after an unrecovered panic or a fatal runtime error."""
 GO_CRASH_PREFIXES = ("panic: ", "fatal error: ")
+FINISH_GRACE_SECONDS = 30.0
+"""How long a backup's restic may keep running after it said it gave up (see Restic._run)."""
+# restic's retry layer giving up on a backend operation: `Save(<data/1b29541841>) failed: ...`
+# (0.17+; "returned error, retrying after" lines are not final).
+_GAVE_UP = re.compile(r"^[A-Z][A-Za-z]*\(<[^>]*>[^)]*\) failed: ")
+
+
+def _is_final_line(line: str) -> bool:
+    """True for a stderr line after which restic only cleans up and exits."""
+    if _GAVE_UP.match(line) or "Fatal: " in line:
+        return True
+    return isinstance(parse_stderr_line(line), ExitError)
+
+
 FULL_ID_LENGTH = 64
 ITEM_ERRORS_KEPT = 5
 
@@ -132,20 +148,42 @@ class Restic:
         on_stdout: runner.LineHandler | None = None,
         on_stderr: runner.LineHandler | None = None,
         on_start: runner.StartHandler | None = None,
+        finish_grace: float | None = None,
     ) -> runner.Completed:
-        """Runs restic; raises ResticError if it cannot start or crashed (a Go panic)."""
+        """Runs restic; raises ResticError if it cannot start or crashed (a Go panic).
+
+        With `finish_grace`, a restic that has said it gave up (a backend operation
+        "failed:", a "Fatal:" line, an exit_error) but is still running that many seconds
+        later is stopped, and its own reason raised: restic 0.18 can hang for good after a
+        failed pack upload (a full disk, a backend that stayed down).
+        """
+        loop = asyncio.get_running_loop()
         crash: list[str] = []
+        final: list[str] = []
+        abandoned = False
+        timer: asyncio.TimerHandle | None = None
+        task: asyncio.Future[runner.Completed] | None = None
+
+        def abandon() -> None:
+            nonlocal abandoned
+            if task is not None and not task.done():
+                abandoned = True
+                task.cancel()
 
         def watch_stderr(line: str) -> None:
+            nonlocal timer
             # A Go panic prints its reason first and then a stack that can be longer than
             # the stderr tail kept for messages: remember the reason as it goes by.
             if not crash and line.startswith(GO_CRASH_PREFIXES):
                 crash.append(line)
+            if finish_grace is not None and not final and _is_final_line(line):
+                final.append(line)
+                timer = loop.call_later(finish_grace, abandon)
             if on_stderr is not None:
                 on_stderr(line)
 
-        try:
-            completed = await runner.run(
+        task = asyncio.ensure_future(
+            runner.run(
                 argv,
                 self._environment,
                 cwd=cwd,
@@ -155,10 +193,27 @@ class Restic:
                 grace_seconds=self._grace_seconds,
                 after_forced_stop=self._remove_stale_locks,
             )
+        )
+        try:
+            completed = await task
         except OSError as error:
             raise ResticError(
                 ErrorKind.BINARY, f"cannot run {argv[0]}: {error.strerror or error}"
             ) from None
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if abandoned and final and current is not None and current.cancelling() == 0:
+                log.warning(
+                    "restic still running %.0fs after it gave up, stopped: %s",
+                    finish_grace or 0,
+                    clean_line(final[0]),
+                )
+                reason = classify(1, final)
+                raise ResticError(reason.kind, reason.message, None) from None
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
         if completed.exit_code == EXIT_GO_CRASH and crash:
             raise ResticError(
                 ErrorKind.FATAL, clean_line(f"restic crashed: {crash[0]}"), EXIT_GO_CRASH
@@ -231,6 +286,7 @@ class Restic:
             on_stdout=on_stdout,
             on_stderr=on_stderr,
             on_start=on_start,
+            finish_grace=FINISH_GRACE_SECONDS,
         )
         if completed.exit_code not in (0, EXIT_INCOMPLETE) or summary is None:
             if completed.exit_code == 0:

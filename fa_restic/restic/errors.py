@@ -101,6 +101,9 @@ def classify(exit_code: int, stderr_tail: Iterable[str]) -> ResticError:
         plain = [line for line in lines if parse_stderr_line(line) is None]
         fatal = [line for line in plain if "Fatal:" in line or "unable to" in line]
         summary = _first_line(fatal[-1] if fatal else (plain[-1] if plain else ""))
+        if "Fatal: " in summary:
+            # 0.14 may print its Fatal line glued to the end of a cleanup warning.
+            summary = summary[summary.rindex("Fatal: ") :]
     if kind is ErrorKind.LOCKED:
         # restic's own first line names the lock holder; keep it, not the hint lines.
         locked = [line for line in text.splitlines() if "locked" in line]
