@@ -79,7 +79,10 @@ SCHEMAS: dict[str, Any] = {
     },
     "Deleted": {
         "type": "object",
-        "properties": {"id": _ID, "forget": {"type": "string", "enum": ["queued"]}},
+        "properties": {
+            "id": _ID,
+            "forget": {"type": "string", "enum": ["queued", "no snapshot to forget"]},
+        },
         "required": ["id", "forget"],
     },
     "Cancelled": {
