@@ -127,20 +127,6 @@ def tree_state() -> dict[str, Any]:
     return {"head": head.stdout.strip(), "fa_restic_uncommitted_changes": dirty.returncode != 0}
 
 
-def make_random_tree(root: Path, total_bytes: int, file_size: int = 1 << 20) -> Path:
-    """A folder of random (incompressible) 1 MiB files, 16 to a subfolder."""
-    root.mkdir(parents=True, exist_ok=True)
-    written = index = 0
-    while written < total_bytes:
-        size = min(file_size, total_bytes - written)
-        folder = root / f"d{index // 16:03d}"
-        folder.mkdir(exist_ok=True)
-        (folder / f"f{index:05d}.bin").write_bytes(os.urandom(size))
-        written += size
-        index += 1
-    return root
-
-
 # -- restic ----------------------------------------------------------------------------
 
 

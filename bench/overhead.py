@@ -43,7 +43,6 @@ from bench import (
     free_port,
     get_data,
     log,
-    make_random_tree,
     make_repo,
     median,
     parse_time,
@@ -58,6 +57,7 @@ from bench import (
     write_config,
     write_results,
 )
+from tests.helpers import make_random_tree
 
 TRIALS = int(os.environ.get("BENCH_TRIALS", 3))
 POLL_SECONDS = 0.25

@@ -40,7 +40,6 @@ from bench import (
     get_data,
     headers,
     log,
-    make_random_tree,
     make_repo,
     median,
     percentile,
@@ -53,6 +52,7 @@ from bench import (
     write_config,
     write_results,
 )
+from tests.helpers import make_random_tree
 
 CLIENTS = 16
 REQUESTS = int(os.environ.get("BENCH_REQUESTS", 3000))
