@@ -28,6 +28,7 @@ from typing import Any
 import aiohttp
 import jwt
 
+from fa_restic.config import ResticSettings
 from fa_restic.jobs.backup import snapshot_tags
 from fa_restic.restic.commands import Argv, Binary, backup_command, restore_command
 from fa_restic.restic.features import parse_version
@@ -37,8 +38,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 API = "/fa/api/v0"
 USER = "alice"
 JWT_SECRET = "bench-secret-" + "0123456789abcdef" * 4  # a throwaway local secret
-PROGRESS_FPS = 1.0
-"""The service's default `restic.progress_fps`; raw restic gets RESTIC_PROGRESS_FPS=1."""
+PROGRESS_FPS = ResticSettings().progress_fps
+"""The service's default `restic.progress_fps`; raw restic gets the same RESTIC_PROGRESS_FPS."""
 TICKS = os.sysconf("SC_CLK_TCK")
 NOISE_NOTE = (
     "note: 2 shared cores, other work running on this machine: absolute numbers are noisy; "
