@@ -43,6 +43,8 @@ EXIT_INCOMPLETE = 3
 EXIT_GO_CRASH = 2
 """The Go runtime's exit code after an unrecovered panic or a fatal runtime error."""
 GO_CRASH_PREFIXES = ("panic: ", "fatal error: ")
+STALE_LOCK_UNLOCK_SECONDS = 10.0
+"""How long the unlock after a restic that had to be killed may take."""
 FINISH_GRACE_SECONDS = 30.0
 """How long a backup's restic may keep running after it said it gave up (see Restic._run)."""
 # restic's retry layer giving up on a backend operation: `Save(<data/1b29541841>) failed: ...`
@@ -191,7 +193,13 @@ class Restic:
                 on_stderr=watch_stderr,
                 on_start=on_start,
                 grace_seconds=self._grace_seconds,
-                after_forced_stop=self._remove_stale_locks,
+                # A command that takes no lock leaves none; an unlock that had to be killed
+                # must not start another one (a backend that is down would chain them).
+                after_forced_stop=(
+                    None
+                    if "--no-lock" in argv or argv[len(self.binary.base()) :][:1] == ("unlock",)
+                    else self._remove_stale_locks
+                ),
             )
         )
         try:
@@ -222,8 +230,11 @@ class Restic:
 
     async def _remove_stale_locks(self) -> None:
         # A restic killed by SIGTERM (0.14 does not handle it) or SIGKILL leaves its lock.
-        with contextlib.suppress(ResticError, OSError):
-            await self.unlock()
+        # Bounded: with the backend down restic >= 0.17 retries for 15 minutes, and a cancel,
+        # a health check or a shutdown waits for this; a lock left behind is removed by the
+        # next maintenance unlock.
+        with contextlib.suppress(ResticError, OSError, TimeoutError):
+            await asyncio.wait_for(self.unlock(), STALE_LOCK_UNLOCK_SECONDS)
 
     async def _checked(self, argv: Argv, **options: object) -> runner.Completed:
         completed = await self._run(argv, **options)  # type: ignore[arg-type]
