@@ -29,6 +29,9 @@ async def build_app(settings: Settings) -> web.Application:
 
     Raises ResticError if restic is unusable, StateError if the state file is unreadable.
     """
+    # The state first: a file that cannot be read stops the start before anything else.
+    store = StateStore(settings.paths.state_file)
+    collections = await asyncio.to_thread(store.load)
     restic = await make_restic(settings)
     settings.paths.data_root.mkdir(parents=True, exist_ok=True)
     options = JobOptions(
@@ -39,10 +42,8 @@ async def build_app(settings: Settings) -> web.Application:
         local_repository=local_repository_path(settings),
         data_root=settings.paths.data_root,
     )
-    service = JobService(
-        options, StateStore(settings.paths.state_file), restic, Metrics(str(restic.version))
-    )
-    await service.load()
+    service = JobService(options, store, restic, Metrics(str(restic.version)))
+    service.load(collections)
     return make_app(service, Authenticator(settings.auth), settings.paths.data_root)
 
 

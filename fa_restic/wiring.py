@@ -54,4 +54,5 @@ async def make_restic(settings: Settings) -> Restic:
         repository_of(settings),
         progress_fps=settings.restic.progress_fps,
         grace_seconds=settings.jobs.cancel_grace_seconds,
+        backend_wait_seconds=settings.jobs.lock_wait_seconds,
     )

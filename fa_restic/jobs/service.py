@@ -38,6 +38,7 @@ from fa_restic.restic import runner
 from fa_restic.restic.client import Restic, RestoreResult
 from fa_restic.restic.errors import ResticError
 from fa_restic.store import Delete, Operation, Put, StateStore
+from fa_restic.store.state import Collections
 
 log = logging.getLogger("fa_restic.jobs")
 
@@ -123,9 +124,8 @@ class JobService:
 
     # -- start and stop -------------------------------------------------------------
 
-    async def load(self) -> None:
-        """Reads the job records from the state file; raises StateError if it is unreadable."""
-        collections = await asyncio.to_thread(self.store.load)
+    def load(self, collections: Collections) -> None:
+        """Takes the job records read from the state file (StateStore.load)."""
         self.backups = {
             int(key): BackupRecord.model_validate(value)
             for key, value in collections.get("backup", {}).items()
@@ -599,10 +599,10 @@ class JobService:
         record.extra = ""
         record.total_size = record.pack_size = record.file_count = 0
         self._progress[key] = Progress()
-        await self.store.write([_record_ops(record)])
-        log.info("%s %d: started (attempt %d)", kind, job_id, record.attempts)
         started = time.monotonic()
         try:
+            await self.store.write([_record_ops(record)])
+            log.info("%s %d: started (attempt %d)", kind, job_id, record.attempts)
             if isinstance(record, BackupRecord):
                 result = await self._back_up(key, record)
             else:

@@ -59,6 +59,10 @@ def _is_final_line(line: str) -> bool:
     return isinstance(parse_stderr_line(line), ExitError)
 
 
+# restic's retry layer (both versions): "Save(<data/1b29>) returned error, retrying after
+# 552ms: ..." and, once a retry works, "Save(<data/1b29>) operation successful after 3 retries".
+RETRYING = "returned error, retrying after"
+RECOVERED = "operation successful after"
 FULL_ID_LENGTH = 64
 ITEM_ERRORS_KEPT = 5
 
@@ -128,11 +132,13 @@ class Restic:
         *,
         progress_fps: float = 1.0,
         grace_seconds: float = 3.0,
+        backend_wait_seconds: float = 0.0,
     ) -> None:
         self.binary = binary
         self.repository = repository
         self._environment = repository.environment(progress_fps)
         self._grace_seconds = grace_seconds
+        self._backend_wait = backend_wait_seconds
 
     @property
     def version(self) -> ResticVersion:
@@ -158,29 +164,57 @@ class Restic:
         "failed:", a "Fatal:" line, an exit_error) but is still running that many seconds
         later is stopped, and its own reason raised: restic 0.18 can hang for good after a
         failed pack upload (a full disk, a backend that stayed down).
+
+        A restic that keeps retrying a backend operation for longer than the backend
+        wait is stopped too, with a BACKEND error: restic >= 0.17 retries for 15 minutes,
+        and nothing on its command line shortens that.
         """
         loop = asyncio.get_running_loop()
         crash: list[str] = []
         final: list[str] = []
-        abandoned = False
+        retrying: list[str] = []
+        abandoned: list[ResticError] = []
         timer: asyncio.TimerHandle | None = None
+        backend_timer: asyncio.TimerHandle | None = None
         task: asyncio.Future[runner.Completed] | None = None
 
-        def abandon() -> None:
-            nonlocal abandoned
-            if task is not None and not task.done():
-                abandoned = True
+        def abandon(reason: ResticError) -> None:
+            if task is not None and not task.done() and not abandoned:
+                abandoned.append(reason)
                 task.cancel()
 
+        def gave_up() -> None:
+            log.warning(
+                "restic still running %.0fs after it gave up, stopped: %s",
+                finish_grace or 0,
+                clean_line(final[0]),
+            )
+            reason = classify(1, final)
+            abandon(ResticError(reason.kind, reason.message, None))
+
+        def backend_down() -> None:
+            message = clean_line(
+                f"backend unreachable for {self._backend_wait:.0f}s: {retrying[-1]}"
+            )
+            log.warning("restic stopped: %s", message)
+            abandon(ResticError(ErrorKind.BACKEND, message, None))
+
         def watch_stderr(line: str) -> None:
-            nonlocal timer
+            nonlocal timer, backend_timer
             # A Go panic prints its reason first and then a stack that can be longer than
             # the stderr tail kept for messages: remember the reason as it goes by.
             if not crash and line.startswith(GO_CRASH_PREFIXES):
                 crash.append(line)
             if finish_grace is not None and not final and _is_final_line(line):
                 final.append(line)
-                timer = loop.call_later(finish_grace, abandon)
+                timer = loop.call_later(finish_grace, gave_up)
+            if self._backend_wait > 0 and RETRYING in line:
+                retrying[:] = [line]
+                if backend_timer is None:
+                    backend_timer = loop.call_later(self._backend_wait, backend_down)
+            elif RECOVERED in line and backend_timer is not None:
+                backend_timer.cancel()
+                backend_timer = None
             if on_stderr is not None:
                 on_stderr(line)
 
@@ -210,18 +244,13 @@ class Restic:
             ) from None
         except asyncio.CancelledError:
             current = asyncio.current_task()
-            if abandoned and final and current is not None and current.cancelling() == 0:
-                log.warning(
-                    "restic still running %.0fs after it gave up, stopped: %s",
-                    finish_grace or 0,
-                    clean_line(final[0]),
-                )
-                reason = classify(1, final)
-                raise ResticError(reason.kind, reason.message, None) from None
+            if abandoned and current is not None and current.cancelling() == 0:
+                raise abandoned[0] from None
             raise
         finally:
-            if timer is not None:
-                timer.cancel()
+            for pending in (timer, backend_timer):
+                if pending is not None:
+                    pending.cancel()
         if completed.exit_code == EXIT_GO_CRASH and crash:
             raise ResticError(
                 ErrorKind.FATAL, clean_line(f"restic crashed: {crash[0]}"), EXIT_GO_CRASH

@@ -118,19 +118,21 @@ class ResticProcess:
 
         Returns True if it took more than SIGINT (restic then may have left its lock).
         """
+        forced = False
         for sig, wait in (
             (signal.SIGINT, self._grace_seconds),
             (signal.SIGTERM, 1.0),
             (signal.SIGKILL, 5.0),
         ):
             if self._process.returncode is not None:
-                return sig is not signal.SIGINT
+                break
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self._process.pid, sig)
             log.info("restic pid=%d sent %s", self._process.pid, sig.name)
+            forced = sig is not signal.SIGINT
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._process.wait(), wait)
-        return True
+        return forced
 
 
 async def run(

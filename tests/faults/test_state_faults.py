@@ -207,11 +207,6 @@ def test_corrupt_state_file_stops_serve_with_one_line_and_leaves_the_file(
     assert not (tmp_path / "repo").exists(), "nothing should touch the repository"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="build_app probes restic (and logs `restic X at PATH` at INFO) before it reads the "
-    "state file, so the error line comes second",
-)
 @pytest.mark.timeout(120)
 def test_corrupt_state_file_error_is_the_only_stderr_line(
     tmp_path: Path, newest_restic: str
@@ -376,12 +371,6 @@ def test_rebuild_state_brings_back_every_success_backup_and_they_restore(
 # -- a slow state disk ---------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="jobs/service.py _run_job writes the `running` record before its try block: a "
-    "cancel during that write escapes the CancelledError handler, the record stays `running` "
-    "and the cancel answers 400 'ended (running) before it could be cancelled'",
-)
 @pytest.mark.timeout(120)
 async def test_cancel_while_the_start_of_a_backup_is_being_written_ends_it(
     make_api: Any, newest_restic: str
