@@ -107,7 +107,7 @@ async def test_pending_backup_cancelled_never_starts(
     await wait_running(api, "backup", 1)
     await api.call("POST", "/backup", json={"id": 2, "path": "small"})
     assert (await api.job("backup", 2))["data"]["status"] == "pending"
-    status, body = await api.call("POST", "/backup/cancel", json={"id": 2})
+    _status, body = await api.call("POST", "/backup/cancel", json={"id": 2})
     assert body["code"] == 2001 and body["data"]["status"] == "cancel"
     assert (await api.wait("backup", 1))["status"] == "success"
     second = (await api.job("backup", 2))["data"]
@@ -127,12 +127,12 @@ async def test_cancel_all_touches_only_the_callers_jobs(
     await api.call("POST", "/backup", user="alice", json={"id": 11, "path": "small"})
     await api.call("POST", "/backup", user="alice", json={"id": 12, "path": "small"})
     await api.call("POST", "/backup", user="bob", json={"id": 13, "path": "small"})
-    status, body = await api.call("POST", "/backup/cancel-all", user="alice", data=b"not json")
+    _status, body = await api.call("POST", "/backup/cancel-all", user="alice", data=b"not json")
     assert body["code"] == 2001 and body["data"] == {"cancelled": [11, 12]}
     assert (await api.job("backup", 10, "carol"))["data"]["status"] == "running"
     assert (await api.job("backup", 13, "bob"))["data"]["status"] == "pending"
     # An admin cancels everyone's.
-    status, body = await api.call("POST", "/backup/cancel-all", user="root", admin=True)
+    _status, body = await api.call("POST", "/backup/cancel-all", user="root", admin=True)
     assert body["data"] == {"cancelled": [10, 13]}
     assert lock_files(api) == []
 
@@ -161,7 +161,7 @@ async def test_restore_cancel_keeps_partial_files_and_says_so(api: Api, big_tree
         interval=0.05,
     )
     started = time.monotonic()
-    status, body = await api.call("POST", "/restore/cancel", json={"id": 2})
+    _status, body = await api.call("POST", "/restore/cancel", json={"id": 2})
     assert time.monotonic() - started < 5
     if body["code"] == 2001:
         assert body["data"]["status"] == "cancel"
@@ -213,7 +213,7 @@ async def test_deleted_id_reused_at_once_keeps_its_new_snapshot(api: Api) -> Non
     old = await api.wait("backup", 7)
     await api.call("DELETE", "/backup/7")
     (api.home("alice") / "small" / "new.txt").write_text("new\n")
-    status, body = await api.call("POST", "/backup", json={"id": 7, "path": "small"})
+    _status, body = await api.call("POST", "/backup", json={"id": 7, "path": "small"})
     assert body["code"] == 2001
     new = await api.wait("backup", 7)
     assert new["status"] == "success" and new["snapshot_id"] != old["snapshot_id"]
