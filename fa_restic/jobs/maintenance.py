@@ -160,6 +160,22 @@ class Upkeep:
             log.info("maintenance: pruned in %.1fs", time.monotonic() - started)
 
 
+async def unlocking_stale(restic: Restic, work: Awaitable[None]) -> None:
+    """Awaits exclusive work; when a lock is in its way, removes the lock if it is stale.
+
+    A restic that died without removing its lock (SIGKILL, or 0.14 on SIGTERM) blocks every
+    exclusive command until `unlock`. Plain `unlock` leaves a live process's lock alone, so
+    it is safe before the retry. Raises what `work` raised.
+    """
+    try:
+        await work
+    except ResticError as error:
+        if error.kind is ErrorKind.LOCKED:
+            with contextlib.suppress(ResticError):
+                await restic.unlock()
+        raise
+
+
 async def forget_snapshots(restic: Restic, snapshot_ids: list[str], lock_wait: float) -> list[str]:
     """Forgets snapshots and returns those that are really gone.
 
@@ -168,7 +184,7 @@ async def forget_snapshots(restic: Restic, snapshot_ids: list[str], lock_wait: f
     """
 
     async def forget() -> None:
-        await restic.forget(snapshot_ids, lock_wait=min(lock_wait, 60))
+        await unlocking_stale(restic, restic.forget(snapshot_ids, lock_wait=min(lock_wait, 60)))
 
     await retry_transient(forget, lock_wait, "forget")
     remaining = {snapshot.id for snapshot in await restic.snapshots(snapshot_ids=snapshot_ids)}
@@ -181,7 +197,7 @@ async def prune(restic: Restic, lock_wait: float) -> None:
     """Reclaims the space of forgotten snapshots and interrupted backups."""
 
     async def run() -> None:
-        await restic.prune(lock_wait=min(lock_wait, 60))
+        await unlocking_stale(restic, restic.prune(lock_wait=min(lock_wait, 60)))
 
     await retry_transient(run, lock_wait, "prune")
 

@@ -239,7 +239,8 @@ def test_serve_with_a_missing_restic_exits_1_with_one_clear_line(tmp_path: Path)
     assert "/nonexistent/restic" in lines[0], lines
     assert "Traceback" not in result.stderr
     assert time.monotonic() - started < 30
-    assert not (tmp_path / "state.json").exists(), "nothing should be written before restic runs"
+    assert not (tmp_path / "repo").exists(), "nothing is done with a restic that cannot run"
+    assert not (tmp_path / "repo.password").exists()
 
 
 # -- 3. rest-server gone in the middle of a backup -----------------------------------------------
