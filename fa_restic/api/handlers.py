@@ -99,9 +99,19 @@ class Handlers:
             raise bad_request(prefix, "id must be a positive integer")
         return job_id
 
-    def _resolve(self, caller: Caller, given: str, prefix: str, *, must_exist: bool) -> Path:
+    async def _resolve(
+        self, caller: Caller, given: str, prefix: str, *, must_exist: bool, folder: bool = False
+    ) -> Path:
+        # realpath and stat can block on a slow file system: not on the event loop.
         try:
-            return resolve_in_home(self.data_root, caller.user, given, must_exist=must_exist)
+            return await asyncio.to_thread(
+                resolve_in_home,
+                self.data_root,
+                caller.user,
+                given,
+                must_exist=must_exist,
+                folder=folder,
+            )
         except PathRefused as error:
             raise bad_request(prefix, str(error)) from None
 
@@ -110,7 +120,7 @@ class Handlers:
     async def post_backup(self, request: web.Request) -> web.Response:
         caller = self._caller(request)
         body = await self._body(request, BackupRequest, BACKUP)
-        path = self._resolve(caller, body.path, BACKUP, must_exist=True)
+        path = await self._resolve(caller, body.path, BACKUP, must_exist=True)
         try:
             record = await self.service.submit_backup(caller, body.id, path)
         except JobError as error:
@@ -172,9 +182,7 @@ class Handlers:
     async def post_restore(self, request: web.Request) -> web.Response:
         caller = self._caller(request)
         body = await self._body(request, RestoreRequest, RESTORE)
-        target = self._resolve(caller, body.dst_path, RESTORE, must_exist=False)
-        if target.exists() and not target.is_dir():
-            raise bad_request(RESTORE, f"dst_path is not a folder: {body.dst_path}")
+        target = await self._resolve(caller, body.dst_path, RESTORE, must_exist=False, folder=True)
         try:
             record = await self.service.submit_restore(
                 caller, body.restore_id, body.backup_id, target
