@@ -6,12 +6,11 @@ import asyncio
 import contextlib
 import logging
 import os
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from fa_restic.restic import commands, runner
+from fa_restic.restic import commands, runner, sandbox
 from fa_restic.restic.commands import Argv, Binary, Repository
 from fa_restic.restic.errors import ErrorKind, ResticError, classify, clean_line
 from fa_restic.restic.features import (
@@ -24,7 +23,6 @@ from fa_restic.restic.features import (
 from fa_restic.restic.messages import (
     BackupStatus,
     BackupSummary,
-    ExitError,
     ItemError,
     RestoreStatus,
     RestoreSummary,
@@ -36,33 +34,17 @@ from fa_restic.restic.messages import (
     parse_stats,
     parse_stderr_line,
 )
+from fa_restic.restic.watch import StderrWatcher
 
 log = logging.getLogger("fa_restic.restic")
 
 EXIT_INCOMPLETE = 3
 EXIT_GO_CRASH = 2
 """The Go runtime's exit code after an unrecovered panic or a fatal runtime error."""
-GO_CRASH_PREFIXES = ("panic: ", "fatal error: ")
 STALE_LOCK_UNLOCK_SECONDS = 10.0
 """How long the unlock after a restic that had to be killed may take."""
 FINISH_GRACE_SECONDS = 30.0
 """How long a backup's restic may keep running after it said it gave up (see Restic._run)."""
-# restic's retry layer giving up on a backend operation: `Save(<data/1b29541841>) failed: ...`
-# (0.17+; "returned error, retrying after" lines are not final).
-_GAVE_UP = re.compile(r"^[A-Z][A-Za-z]*\(<[^>]*>[^)]*\) failed: ")
-
-
-def _is_final_line(line: str) -> bool:
-    """True for a stderr line after which restic only cleans up and exits."""
-    if _GAVE_UP.match(line) or "Fatal: " in line:
-        return True
-    return isinstance(parse_stderr_line(line), ExitError)
-
-
-# restic's retry layer (both versions): "Save(<data/1b29>) returned error, retrying after
-# 552ms: ..." and, once a retry works, "Save(<data/1b29>) operation successful after 3 retries".
-RETRYING = "returned error, retrying after"
-RECOVERED = "operation successful after"
 FULL_ID_LENGTH = 64
 ITEM_ERRORS_KEPT = 5
 
@@ -157,6 +139,7 @@ class Restic:
         on_stderr: runner.LineHandler | None = None,
         on_start: runner.StartHandler | None = None,
         finish_grace: float | None = None,
+        confinement: sandbox.Confinement | None = None,
     ) -> runner.Completed:
         """Runs restic; raises ResticError if it cannot start or crashed (a Go panic).
 
@@ -165,77 +148,33 @@ class Restic:
         later is stopped, and its own reason raised: restic 0.18 can hang for good after a
         failed pack upload (a full disk, a backend that stayed down).
 
+        With `confinement`, restic runs in it (fa_restic.restic.sandbox) instead of `cwd`.
+
         A restic that keeps retrying a backend operation for longer than the backend
         wait is stopped too, with a BACKEND error: restic >= 0.17 retries for 15 minutes,
         and nothing on its command line shortens that.
         """
-        loop = asyncio.get_running_loop()
-        crash: list[str] = []
-        final: list[str] = []
-        retrying: list[str] = []
-        abandoned: list[ResticError] = []
-        timer: asyncio.TimerHandle | None = None
-        backend_timer: asyncio.TimerHandle | None = None
-        task: asyncio.Future[runner.Completed] | None = None
-
-        def abandon(reason: ResticError) -> None:
-            if task is not None and not task.done() and not abandoned:
-                abandoned.append(reason)
-                task.cancel()
-
-        def gave_up() -> None:
-            log.warning(
-                "restic still running %.0fs after it gave up, stopped: %s",
-                finish_grace or 0,
-                clean_line(final[0]),
-            )
-            reason = classify(1, final)
-            abandon(ResticError(reason.kind, reason.message, None))
-
-        def backend_down() -> None:
-            message = clean_line(
-                f"backend unreachable for {self._backend_wait:.0f}s: {retrying[-1]}"
-            )
-            log.warning("restic stopped: %s", message)
-            abandon(ResticError(ErrorKind.BACKEND, message, None))
-
-        def watch_stderr(line: str) -> None:
-            nonlocal timer, backend_timer
-            # A Go panic prints its reason first and then a stack that can be longer than
-            # the stderr tail kept for messages: remember the reason as it goes by.
-            if not crash and line.startswith(GO_CRASH_PREFIXES):
-                crash.append(line)
-            if finish_grace is not None and not final and _is_final_line(line):
-                final.append(line)
-                timer = loop.call_later(finish_grace, gave_up)
-            if self._backend_wait > 0 and RETRYING in line:
-                retrying[:] = [line]
-                if backend_timer is None:
-                    backend_timer = loop.call_later(self._backend_wait, backend_down)
-            elif RECOVERED in line and backend_timer is not None:
-                backend_timer.cancel()
-                backend_timer = None
-            if on_stderr is not None:
-                on_stderr(line)
-
+        watcher = StderrWatcher(finish_grace, self._backend_wait, on_stderr)
+        # A command that takes no lock leaves none; an unlock that had to be killed must not
+        # start another one (a backend that is down would chain them).
+        takes_lock = "--no-lock" not in argv and argv[len(self.binary.base()) :][:1] != ("unlock",)
+        environment = self._environment
+        if confinement is not None:
+            wrapped, extra = sandbox.wrap(argv, confinement)
+            argv, environment, cwd = tuple(wrapped), {**environment, **extra}, None
         task = asyncio.ensure_future(
             runner.run(
                 argv,
-                self._environment,
+                environment,
                 cwd=cwd,
                 on_stdout=on_stdout,
-                on_stderr=watch_stderr,
+                on_stderr=watcher,
                 on_start=on_start,
                 grace_seconds=self._grace_seconds,
-                # A command that takes no lock leaves none; an unlock that had to be killed
-                # must not start another one (a backend that is down would chain them).
-                after_forced_stop=(
-                    None
-                    if "--no-lock" in argv or argv[len(self.binary.base()) :][:1] == ("unlock",)
-                    else self._remove_stale_locks
-                ),
+                after_forced_stop=self.remove_stale_locks if takes_lock else None,
             )
         )
+        watcher.watch(task)
         try:
             completed = await task
         except OSError as error:
@@ -244,24 +183,34 @@ class Restic:
             ) from None
         except asyncio.CancelledError:
             current = asyncio.current_task()
-            if abandoned and current is not None and current.cancelling() == 0:
-                raise abandoned[0] from None
+            if watcher.reason is not None and current is not None and current.cancelling() == 0:
+                raise watcher.reason from None  # the watcher stopped restic, not our caller
             raise
         finally:
-            for pending in (timer, backend_timer):
-                if pending is not None:
-                    pending.cancel()
-        if completed.exit_code == EXIT_GO_CRASH and crash:
+            watcher.close()
+        if completed.exit_code == EXIT_GO_CRASH and watcher.crash is not None:
             raise ResticError(
-                ErrorKind.FATAL, clean_line(f"restic crashed: {crash[0]}"), EXIT_GO_CRASH
+                ErrorKind.FATAL, clean_line(f"restic crashed: {watcher.crash}"), EXIT_GO_CRASH
             )
+        refusal = completed.stderr_tail[-1] if completed.stderr_tail else ""
+        if (
+            confinement is not None
+            and completed.exit_code == sandbox.EXIT_REFUSED
+            and refusal.startswith(sandbox.MESSAGE_PREFIX)
+        ):
+            reason = refusal.removeprefix(sandbox.MESSAGE_PREFIX)
+            raise ResticError(ErrorKind.FATAL, clean_line(reason), sandbox.EXIT_REFUSED)
         return completed
 
-    async def _remove_stale_locks(self) -> None:
-        # A restic killed by SIGTERM (0.14 does not handle it) or SIGKILL leaves its lock.
-        # Bounded: with the backend down restic >= 0.17 retries for 15 minutes, and a cancel,
-        # a health check or a shutdown waits for this; a lock left behind is removed by the
-        # next maintenance unlock.
+    async def remove_stale_locks(self) -> None:
+        """Runs a bounded plain `unlock`; a lock left behind stays for the next maintenance.
+
+        Never raises: it is clean-up after a failure.
+        """
+        # A restic killed by SIGTERM (0.14 does not handle it) or SIGKILL leaves its lock,
+        # and so may one that failed (a read-only repository). Bounded: with the backend down
+        # restic >= 0.17 retries for 15 minutes, and a cancel, a health check or a shutdown
+        # waits for this; a lock left behind is removed by the next maintenance unlock.
         with contextlib.suppress(ResticError, OSError, TimeoutError):
             await asyncio.wait_for(self.unlock(), STALE_LOCK_UNLOCK_SECONDS)
 
@@ -297,8 +246,12 @@ class Restic:
         *,
         on_status: BackupStatusHandler | None = None,
         on_start: runner.StartHandler | None = None,
+        confinement: sandbox.Confinement | None = None,
     ) -> BackupResult:
-        """Backs `paths` (relative to `cwd`) up; returns the summary or raises ResticError."""
+        """Backs `paths` (relative to `cwd`, or to the confinement's folder) up.
+
+        Returns the summary or raises ResticError.
+        """
         summary: BackupSummary | None = None
         unreadable: list[str] = []
         unreadable_count = 0
@@ -327,6 +280,7 @@ class Restic:
             on_stderr=on_stderr,
             on_start=on_start,
             finish_grace=FINISH_GRACE_SECONDS,
+            confinement=confinement,
         )
         if completed.exit_code not in (0, EXIT_INCOMPLETE) or summary is None:
             if completed.exit_code == 0:
