@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -9,6 +11,8 @@ from pathlib import Path
 from fa_restic.jobs.models import Progress
 from fa_restic.jobs.staging import open_folder
 from fa_restic.restic.client import Restic, RestoreResult
+from fa_restic.restic.errors import ResticError
+from fa_restic.restic.features import Feature
 from fa_restic.restic.messages import RestoreStatus
 
 ProgressHandler = Callable[[Progress], None]
@@ -37,6 +41,47 @@ def make_folder(target: Path, owner_of: Path) -> None:
     os.close(open_folder(owner_of, target, create=True))
 
 
+def tree_bytes(root: Path) -> int:
+    """Returns the bytes of regular files below `root` that are on disk (sparse-aware)."""
+    total = 0
+    for folder, _, files in os.walk(root):
+        for name in files:
+            with contextlib.suppress(OSError):
+                status = os.lstat(os.path.join(folder, name))
+                total += min(status.st_size, status.st_blocks * 512)
+    return total
+
+
+async def poll_progress(
+    restic: Restic, snapshot_id: str, target: Path, on_progress: ProgressHandler
+) -> None:
+    """Reports restore progress from the bytes written under `target`, until cancelled.
+
+    For restic < 0.16, which prints no restore status.
+    """
+    baseline = await asyncio.to_thread(tree_bytes, target)
+    try:
+        stats = await restic.stats(snapshot_id)
+    except ResticError:
+        return
+    total = max(stats.total_size, 1)
+    loop = asyncio.get_running_loop()
+    while True:
+        started = loop.time()
+        done = max(0, await asyncio.to_thread(tree_bytes, target) - baseline)
+        done = min(done, stats.total_size)
+        on_progress(
+            Progress(
+                percent_done=done / total,
+                bytes_done=done,
+                total_bytes=stats.total_size,
+                total_files=stats.total_file_count,
+            )
+        )
+        # Walking a large tree is not free: poll less often the longer it takes.
+        await asyncio.sleep(max(1.0, 10 * (loop.time() - started)))
+
+
 async def run_restore(
     restic: Restic,
     snapshot_id: str,
@@ -53,4 +98,13 @@ async def run_restore(
     def on_status(status: RestoreStatus) -> None:
         on_progress(progress_of(status))
 
-    return await restic.restore(snapshot_id, target, on_status=on_status, on_start=on_start)
+    poller: asyncio.Task[None] | None = None
+    if not restic.has(Feature.RESTORE_PROGRESS_JSON):
+        poller = asyncio.create_task(poll_progress(restic, snapshot_id, target, on_progress))
+    try:
+        return await restic.restore(snapshot_id, target, on_status=on_status, on_start=on_start)
+    finally:
+        if poller is not None:
+            poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await poller

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,17 +90,6 @@ async def read_version(binary_path: str) -> ResticVersion:
             f"fa-restic needs {MINIMUM_VERSION} or newer",
         )
     return version
-
-
-def _tree_bytes(root: Path) -> int:
-    """Returns the bytes of regular files below `root` that are on disk (sparse-aware)."""
-    total = 0
-    for folder, _, files in os.walk(root):
-        for name in files:
-            with contextlib.suppress(OSError):
-                stat = os.lstat(os.path.join(folder, name))
-                total += min(stat.st_size, stat.st_blocks * 512)
-    return total
 
 
 class Restic:
@@ -315,20 +303,11 @@ class Restic:
                 if on_status is not None:
                     on_status(message)
 
-        watcher: asyncio.Task[None] | None = None
-        if not self.has(Feature.RESTORE_PROGRESS_JSON) and on_status is not None:
-            watcher = asyncio.create_task(self._watch_restore(snapshot_id, target, on_status))
-        try:
-            completed = await self._run(
-                commands.restore_command(self.binary, snapshot_id, target),
-                on_stdout=on_stdout,
-                on_start=on_start,
-            )
-        finally:
-            if watcher is not None:
-                watcher.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await watcher
+        completed = await self._run(
+            commands.restore_command(self.binary, snapshot_id, target),
+            on_stdout=on_stdout,
+            on_start=on_start,
+        )
         if completed.exit_code != 0:
             raise classify(completed.exit_code, completed.stderr_tail)
         if summary is not None:
@@ -336,32 +315,6 @@ class Restic:
         # restic < 0.16 prints no summary: measure what landed.
         stats = await self.stats(snapshot_id)
         return RestoreResult(stats.total_size, stats.total_file_count)
-
-    async def _watch_restore(
-        self, snapshot_id: str, target: Path, on_status: RestoreStatusHandler
-    ) -> None:
-        """Reports restore progress for restic < 0.16 from the bytes written under `target`."""
-        baseline = await asyncio.to_thread(_tree_bytes, target)
-        try:
-            stats = await self.stats(snapshot_id)
-        except ResticError:
-            return
-        total = max(stats.total_size, 1)
-        loop = asyncio.get_running_loop()
-        while True:
-            started = loop.time()
-            done = max(0, await asyncio.to_thread(_tree_bytes, target) - baseline)
-            done = min(done, stats.total_size)
-            on_status(
-                RestoreStatus(
-                    percent_done=done / total,
-                    total_bytes=stats.total_size,
-                    bytes_restored=done,
-                    total_files=stats.total_file_count,
-                )
-            )
-            # Walking a large tree is not free: poll less often the longer it takes.
-            await asyncio.sleep(max(1.0, 10 * (loop.time() - started)))
 
     async def snapshots(
         self, tags: Sequence[str] = (), snapshot_ids: Sequence[str] = ()

@@ -196,3 +196,33 @@ async def test_progress_while_running_and_a_second_backup_waits(
     small = await api.wait("backup", 2)
     assert small["status"] == "success", small
     assert small["started_at"] >= big["finished_at"]
+
+
+async def test_restore_shows_progress_while_running(
+    tmp_path: Path, aiohttp_client: Any, restic_binary: str, big_tree: Path
+) -> None:
+    """restic >= 0.16 reports it; for 0.14 the job layer measures what landed (polling)."""
+    folder = tmp_path / "service"
+    config = _fast_progress_config(folder, restic_binary, max_running=1)
+    api = Api(await aiohttp_client(await build_app(load_settings(config))), folder, restic_binary)
+    _link_tree(big_tree, api.home("alice") / "big")
+    await api.call("POST", "/backup", json={"id": 1, "path": "big"})
+    assert (await api.wait("backup", 1))["status"] == "success"
+
+    body = {"restore_id": 1, "backup_id": 1, "dst_path": "back"}
+    assert (await api.call("POST", "/restore", json=body))[0] == 200
+    seen: list[dict[str, Any]] = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        restore = (await api.job("restore", 1))["data"]
+        if restore["status"] in {"success", "failed", "cancel"}:
+            break
+        if restore["status"] == "running" and restore["progress"]["total_bytes"] > 0:
+            seen.append(restore["progress"])
+        await asyncio.sleep(0.02)
+    restore = await api.wait("restore", 1)
+    assert restore["status"] == "success", restore
+    assert seen, "no progress seen while the restore ran"
+    assert all(progress["total_bytes"] == BIG_BYTES for progress in seen), seen[-1]
+    assert all(0 <= progress["percent_done"] <= 1 for progress in seen)
+    assert restore["stat"]["total_size"] == BIG_BYTES
