@@ -145,13 +145,13 @@ def backup_argv(binary: str, cache: Path, backup_id: int) -> Argv:
     """The argv the service runs for a backup of a folder (`.` from inside it), built by
     the service's own code, so the raw run does the same work."""
     restic = Binary(binary, parse_version(f"restic {restic_version(binary)}"), cache)
-    return backup_command(restic, snapshot_tags(backup_id, USER), ["."])
+    return backup_command(restic, snapshot_tags(backup_id, USER), ["."]).argv
 
 
 def restore_argv(binary: str, cache: Path, target: Path) -> Argv:
     """The service's restore argv, with `latest` in place of the snapshot id."""
     restic = Binary(binary, parse_version(f"restic {restic_version(binary)}"), cache)
-    return restore_command(restic, "latest", target)
+    return restore_command(restic, "latest", target).argv
 
 
 @dataclass(frozen=True)

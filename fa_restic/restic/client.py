@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fa_restic.restic import commands, runner, sandbox
-from fa_restic.restic.commands import Argv, Binary, Repository
+from fa_restic.restic.commands import Binary, Command, Lock, Repository
 from fa_restic.restic.errors import ErrorKind, ResticError, classify, clean_line
 from fa_restic.restic.features import (
     MINIMUM_VERSION,
@@ -74,7 +74,7 @@ class RestoreResult:
 async def read_version(binary_path: str) -> ResticVersion:
     """Returns the version of a restic binary; raises ResticError if it is missing or too old."""
     try:
-        completed = await runner.run(commands.version_command(binary_path), {})
+        completed = await runner.run(commands.version_command(binary_path).argv, {})
     except OSError as error:
         raise ResticError(ErrorKind.BINARY, f"cannot run {binary_path}: {error.strerror}") from None
     try:
@@ -120,7 +120,7 @@ class Restic:
 
     async def _run(
         self,
-        argv: Argv,
+        command: Command,
         *,
         cwd: Path | None = None,
         on_stdout: runner.LineHandler | None = None,
@@ -143,9 +143,7 @@ class Restic:
         and nothing on its command line shortens that.
         """
         watcher = StderrWatcher(finish_grace, self._backend_wait, on_stderr)
-        # A command that takes no lock leaves none; an unlock that had to be killed must not
-        # start another one (a backend that is down would chain them).
-        takes_lock = "--no-lock" not in argv and argv[len(self.binary.base()) :][:1] != ("unlock",)
+        argv = command.argv
         environment = self._environment
         if confinement is not None:
             wrapped, extra = sandbox.wrap(argv, confinement)
@@ -159,7 +157,9 @@ class Restic:
                 on_stderr=watcher,
                 on_start=on_start,
                 grace_seconds=self._grace_seconds,
-                after_forced_stop=self.remove_stale_locks if takes_lock else None,
+                # A command that takes no lock leaves none; and an unlock that had to be killed
+                # must not start another one (a backend that is down would chain them).
+                after_forced_stop=(None if command.lock is Lock.NONE else self.remove_stale_locks),
             )
         )
         watcher.watch(task)
@@ -202,8 +202,8 @@ class Restic:
         with contextlib.suppress(ResticError, OSError, TimeoutError):
             await asyncio.wait_for(self.unlock(), STALE_LOCK_UNLOCK_SECONDS)
 
-    async def _checked(self, argv: Argv, **options: object) -> runner.Completed:
-        completed = await self._run(argv, **options)  # type: ignore[arg-type]
+    async def _checked(self, command: Command, **options: object) -> runner.Completed:
+        completed = await self._run(command, **options)  # type: ignore[arg-type]
         if completed.exit_code != 0:
             raise classify(completed.exit_code, completed.stderr_tail)
         return completed

@@ -1,4 +1,4 @@
-"""Pure argv builders, one per restic subcommand.
+"""Pure command builders, one per restic subcommand: the argv, and the lock it takes.
 
 Secrets (password, repository URL with credentials, backend keys) never appear
 here: they travel in the environment (see `Repository.environment`). User paths
@@ -9,11 +9,28 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 
 from fa_restic.restic.features import Feature, ResticVersion, has_feature
 
 Argv = tuple[str, ...]
+
+
+class Lock(Enum):
+    """The repository lock a command takes (NOTES §8: which commands take which lock)."""
+
+    NONE = "none"
+    SHARED = "shared"
+    EXCLUSIVE = "exclusive"
+
+
+@dataclass(frozen=True)
+class Command:
+    """One restic invocation: its argv and the lock it takes (a killed one may leave it)."""
+
+    argv: Argv
+    lock: Lock
 
 
 @dataclass(frozen=True)
@@ -57,61 +74,69 @@ class Binary:
         return ("--retry-lock", f"{max(1, round(seconds))}s")
 
 
-def version_command(binary: str) -> Argv:
-    return (binary, "version")
+def version_command(binary: str) -> Command:
+    return Command((binary, "version"), Lock.NONE)
 
 
-def init_command(binary: Binary) -> Argv:
-    return binary.base("init")
+def init_command(binary: Binary) -> Command:
+    return Command(binary.base("init"), Lock.NONE)
 
 
-def cat_config_command(binary: Binary) -> Argv:
-    return (*binary.base("cat", "config"), "--no-lock")
+def cat_config_command(binary: Binary) -> Command:
+    return Command((*binary.base("cat", "config"), "--no-lock"), Lock.NONE)
 
 
-def backup_command(binary: Binary, tags: Iterable[str], paths: Iterable[str]) -> Argv:
+def backup_command(binary: Binary, tags: Iterable[str], paths: Iterable[str]) -> Command:
     """Returns `restic backup --json --tag T... -- PATH...`; tags must not contain commas."""
     tag_arguments: list[str] = []
     for tag in tags:
         if "," in tag:
             raise ValueError(f"restic splits tags at commas: {tag!r}")
         tag_arguments += ["--tag", tag]
-    return (*binary.base("backup", "--json"), *tag_arguments, "--", *paths)
+    return Command((*binary.base("backup", "--json"), *tag_arguments, "--", *paths), Lock.SHARED)
 
 
-def restore_command(binary: Binary, snapshot_id: str, target: Path) -> Argv:
-    return (*binary.base("restore", "--json", "--target", str(target)), "--", snapshot_id)
+def restore_command(binary: Binary, snapshot_id: str, target: Path) -> Command:
+    return Command(
+        (*binary.base("restore", "--json", "--target", str(target)), "--", snapshot_id), Lock.SHARED
+    )
 
 
 def snapshots_command(
     binary: Binary, tags: Iterable[str] = (), snapshot_ids: Iterable[str] = ()
-) -> Argv:
+) -> Command:
     """Returns `restic snapshots --json`; several tags are ANDed (restic's `--tag a,b`)."""
     tags = tuple(tags)
     tag_arguments = ("--tag", ",".join(tags)) if tags else ()
-    return (*binary.base("snapshots", "--json"), *tag_arguments, "--", *snapshot_ids)
+    return Command(
+        (*binary.base("snapshots", "--json"), *tag_arguments, "--", *snapshot_ids), Lock.SHARED
+    )
 
 
-def stats_command(binary: Binary, snapshot_id: str) -> Argv:
-    return (*binary.base("stats", "--json", "--mode", "restore-size"), "--", snapshot_id)
+def stats_command(binary: Binary, snapshot_id: str) -> Command:
+    return Command(
+        (*binary.base("stats", "--json", "--mode", "restore-size"), "--", snapshot_id), Lock.SHARED
+    )
 
 
-def forget_command(binary: Binary, snapshot_ids: Iterable[str], lock_wait: float = 0) -> Argv:
-    return (*binary.base("forget"), *binary.retry_lock(lock_wait), "--", *snapshot_ids)
+def forget_command(binary: Binary, snapshot_ids: Iterable[str], lock_wait: float = 0) -> Command:
+    return Command(
+        (*binary.base("forget"), *binary.retry_lock(lock_wait), "--", *snapshot_ids), Lock.EXCLUSIVE
+    )
 
 
-def prune_command(binary: Binary, lock_wait: float = 0) -> Argv:
-    return (*binary.base("prune"), *binary.retry_lock(lock_wait))
+def prune_command(binary: Binary, lock_wait: float = 0) -> Command:
+    return Command((*binary.base("prune"), *binary.retry_lock(lock_wait)), Lock.EXCLUSIVE)
 
 
-def unlock_command(binary: Binary) -> Argv:
+def unlock_command(binary: Binary) -> Command:
     """Returns plain `restic unlock`: it removes stale locks only, never a live one."""
-    return binary.base("unlock")
+    return Command(binary.base("unlock"), Lock.NONE)
 
 
-def list_locks_command(binary: Binary) -> Argv:
-    return (*binary.base("list", "locks"), "--no-lock")
+def list_locks_command(binary: Binary) -> Command:
+    return Command((*binary.base("list", "locks"), "--no-lock"), Lock.NONE)
 
 
-def check_command(binary: Binary) -> Argv:
-    return binary.base("check")
+def check_command(binary: Binary) -> Command:
+    return Command(binary.base("check"), Lock.EXCLUSIVE)

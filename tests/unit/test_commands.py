@@ -21,7 +21,7 @@ SECRET_FILE = Path("/etc/fa/repo.password")
 
 
 def test_backup_argv_puts_tags_before_and_paths_after_the_double_dash() -> None:
-    argv = commands.backup_command(V18, ["fa:id=7", "fa:user=alice"], ["."])
+    argv = commands.backup_command(V18, ["fa:id=7", "fa:user=alice"], ["."]).argv
     assert argv == (
         "/opt/restic",
         "--cache-dir",
@@ -38,7 +38,7 @@ def test_backup_argv_puts_tags_before_and_paths_after_the_double_dash() -> None:
 
 
 def test_backup_argv_keeps_option_like_file_names_as_paths() -> None:
-    argv = commands.backup_command(V14, ["fa:id=1"], ["--password=x", "-r", "a b; rm -rf /"])
+    argv = commands.backup_command(V14, ["fa:id=1"], ["--password=x", "-r", "a b; rm -rf /"]).argv
     assert argv[argv.index("--") + 1 :] == ("--password=x", "-r", "a b; rm -rf /")
     assert argv[: argv.index("--")] == (
         "/usr/bin/restic",
@@ -59,7 +59,7 @@ def test_a_comma_in_a_tag_is_refused() -> None:
 
 def test_restore_argv() -> None:
     snapshot = "c" * 64
-    assert commands.restore_command(V18, snapshot, Path("/data/users/alice/back")) == (
+    assert commands.restore_command(V18, snapshot, Path("/data/users/alice/back")).argv == (
         "/opt/restic",
         "--cache-dir",
         "/var/cache/fa",
@@ -73,7 +73,7 @@ def test_restore_argv() -> None:
 
 
 def test_snapshots_argv_ands_its_tags() -> None:
-    assert commands.snapshots_command(V14, ["fa:id=3", "fa:user=bob"]) == (
+    assert commands.snapshots_command(V14, ["fa:id=3", "fa:user=bob"]).argv == (
         "/usr/bin/restic",
         "--cache-dir",
         "/var/cache/fa",
@@ -83,7 +83,7 @@ def test_snapshots_argv_ands_its_tags() -> None:
         "fa:id=3,fa:user=bob",
         "--",
     )
-    assert commands.snapshots_command(V14, snapshot_ids=["f9cb9262"]) == (
+    assert commands.snapshots_command(V14, snapshot_ids=["f9cb9262"]).argv == (
         "/usr/bin/restic",
         "--cache-dir",
         "/var/cache/fa",
@@ -95,7 +95,7 @@ def test_snapshots_argv_ands_its_tags() -> None:
 
 
 def test_stats_argv() -> None:
-    assert commands.stats_command(V18, "abc") == (
+    assert commands.stats_command(V18, "abc").argv == (
         "/opt/restic",
         "--cache-dir",
         "/var/cache/fa",
@@ -111,7 +111,7 @@ def test_stats_argv() -> None:
 @pytest.mark.parametrize("binary", [V14, V15])
 def test_no_retry_lock_before_0_16(binary: Binary) -> None:
     # 0.14 fails with `unknown flag: --retry-lock`.
-    assert commands.forget_command(binary, ["a" * 64], lock_wait=120) == (
+    assert commands.forget_command(binary, ["a" * 64], lock_wait=120).argv == (
         "/usr/bin/restic",
         "--cache-dir",
         "/var/cache/fa",
@@ -119,7 +119,7 @@ def test_no_retry_lock_before_0_16(binary: Binary) -> None:
         "--",
         "a" * 64,
     )
-    assert commands.prune_command(binary, lock_wait=120) == (
+    assert commands.prune_command(binary, lock_wait=120).argv == (
         "/usr/bin/restic",
         "--cache-dir",
         "/var/cache/fa",
@@ -129,7 +129,7 @@ def test_no_retry_lock_before_0_16(binary: Binary) -> None:
 
 @pytest.mark.parametrize("binary", [V16, V18])
 def test_retry_lock_from_0_16(binary: Binary) -> None:
-    assert commands.forget_command(binary, ["a" * 64, "b" * 64], lock_wait=120) == (
+    assert commands.forget_command(binary, ["a" * 64, "b" * 64], lock_wait=120).argv == (
         "/opt/restic",
         "--cache-dir",
         "/var/cache/fa",
@@ -140,7 +140,7 @@ def test_retry_lock_from_0_16(binary: Binary) -> None:
         "a" * 64,
         "b" * 64,
     )
-    assert commands.prune_command(binary, lock_wait=0.2) == (
+    assert commands.prune_command(binary, lock_wait=0.2).argv == (
         "/opt/restic",
         "--cache-dir",
         "/var/cache/fa",
@@ -148,7 +148,7 @@ def test_retry_lock_from_0_16(binary: Binary) -> None:
         "--retry-lock",
         "1s",
     )
-    assert commands.prune_command(binary, lock_wait=0) == (
+    assert commands.prune_command(binary, lock_wait=0).argv == (
         "/opt/restic",
         "--cache-dir",
         "/var/cache/fa",
@@ -158,12 +158,12 @@ def test_retry_lock_from_0_16(binary: Binary) -> None:
 
 def test_other_argv() -> None:
     base = ("/opt/restic", "--cache-dir", "/var/cache/fa")
-    assert commands.version_command("/opt/restic") == ("/opt/restic", "version")
-    assert commands.init_command(V18) == (*base, "init")
-    assert commands.cat_config_command(V18) == (*base, "cat", "config", "--no-lock")
-    assert commands.unlock_command(V18) == (*base, "unlock")
-    assert commands.list_locks_command(V18) == (*base, "list", "locks", "--no-lock")
-    assert commands.check_command(V18) == (*base, "check")
+    assert commands.version_command("/opt/restic").argv == ("/opt/restic", "version")
+    assert commands.init_command(V18).argv == (*base, "init")
+    assert commands.cat_config_command(V18).argv == (*base, "cat", "config", "--no-lock")
+    assert commands.unlock_command(V18).argv == (*base, "unlock")
+    assert commands.list_locks_command(V18).argv == (*base, "list", "locks", "--no-lock")
+    assert commands.check_command(V18).argv == (*base, "check")
 
 
 def test_environment_carries_the_repository_and_its_secrets() -> None:
@@ -191,17 +191,17 @@ def test_environment_with_a_password_command() -> None:
 
 def test_no_secret_in_any_argv() -> None:
     every_argv = [
-        commands.backup_command(V18, ["fa:id=1", "fa:user=alice"], ["."]),
-        commands.restore_command(V18, "a" * 64, Path("/t")),
-        commands.snapshots_command(V18, ["fa:id=1"]),
-        commands.stats_command(V18, "a" * 64),
-        commands.forget_command(V18, ["a" * 64], 10),
-        commands.prune_command(V18, 10),
-        commands.init_command(V18),
-        commands.cat_config_command(V18),
-        commands.unlock_command(V18),
-        commands.check_command(V18),
-        commands.list_locks_command(V18),
+        commands.backup_command(V18, ["fa:id=1", "fa:user=alice"], ["."]).argv,
+        commands.restore_command(V18, "a" * 64, Path("/t")).argv,
+        commands.snapshots_command(V18, ["fa:id=1"]).argv,
+        commands.stats_command(V18, "a" * 64).argv,
+        commands.forget_command(V18, ["a" * 64], 10).argv,
+        commands.prune_command(V18, 10).argv,
+        commands.init_command(V18).argv,
+        commands.cat_config_command(V18).argv,
+        commands.unlock_command(V18).argv,
+        commands.check_command(V18).argv,
+        commands.list_locks_command(V18).argv,
     ]
     for argv in every_argv:
         joined = " ".join(argv)
@@ -225,3 +225,23 @@ def test_restic_child_does_not_inherit_restic_or_service_settings(
     assert environment["RESTIC_REPOSITORY"] == "/srv/repo"
     assert environment["RESTIC_PASSWORD_FILE"] == str(SECRET_FILE)
     assert environment["HOME"] == "/root"
+
+
+def test_each_command_says_which_lock_it_takes() -> None:
+    """A killed restic that took a lock may leave it; one that took none leaves none."""
+    lock = commands.Lock
+    assert commands.backup_command(V18, ["fa:id=1"], ["."]).lock is lock.SHARED
+    assert commands.restore_command(V18, "a" * 64, Path("/t")).lock is lock.SHARED
+    assert commands.snapshots_command(V18).lock is lock.SHARED
+    assert commands.stats_command(V18, "a" * 64).lock is lock.SHARED
+    assert commands.forget_command(V18, ["a" * 64]).lock is lock.EXCLUSIVE
+    assert commands.prune_command(V18).lock is lock.EXCLUSIVE
+    assert commands.check_command(V18).lock is lock.EXCLUSIVE
+    for no_lock in (
+        commands.unlock_command(V18),
+        commands.list_locks_command(V18),
+        commands.cat_config_command(V18),
+        commands.init_command(V18),
+        commands.version_command("/opt/restic"),
+    ):
+        assert no_lock.lock is lock.NONE, no_lock
