@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -18,13 +19,50 @@ log = logging.getLogger("fa_restic")
 DEFAULT_CONFIG_ENV = "FA_RESTIC_CONFIG"
 
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+# C0 and C1 controls (CR, LF, ESC, ...), DEL, Unicode's line and paragraph separators, and
+# lone surrogates (what Python makes of bytes that are not UTF-8).
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+_SHORT_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(match: re.Match[str]) -> str:
+    character = match.group(0)
+    short = _SHORT_ESCAPES.get(character)
+    if short is not None:
+        return short
+    code = ord(character)
+    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
+
+
+def one_line(text: str) -> str:
+    """Returns `text` with control characters and lone surrogates escaped (`\\n`, `\\x1b`,
+    `\\udcff`): what it holds stays readable, and it cannot start a line of its own."""
+    return _UNSAFE.sub(_escape, text)
+
+
+class OneLineFormatter(logging.Formatter):
+    """Formats each record, traceback included, as exactly one line (SPEC §8, §9).
+
+    User-given text (paths, ids, token fields, restic's output about them) reaches log
+    messages in many places; escaping the whole formatted record here, once, means none of
+    them can forge a line, whatever the message or its arguments hold.
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        return one_line(super().format(record))
+
+
 def configure_logging(level: str = "INFO") -> None:
     """Logs one line per event to stderr (journald adds time stamps; a terminal needs ours)."""
-    logging.basicConfig(
-        level=level,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    # Text the terminal's encoding cannot show is escaped rather than a logging error.
+    reconfigure = getattr(sys.stderr, "reconfigure", None)
+    if reconfigure is not None:
+        reconfigure(errors="backslashreplace")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(OneLineFormatter(LOG_FORMAT))
+    logging.basicConfig(level=level, handlers=[handler])
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
