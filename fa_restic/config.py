@@ -187,10 +187,15 @@ def load_settings(path: Path, environ: dict[str, str] | None = None) -> Settings
 
 
 def ensure_password_file(path: Path) -> None:
-    """Creates the repository password file (mode 0600, random) if it does not exist."""
+    """Creates the repository password file (mode 0600, random; folders it makes 0700) if it
+    does not exist."""
     if path.exists():
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
+    # Folders made for it are 0700, parents too (Path.mkdir(parents=True) would give the
+    # parents the default mode, 0755 under the usual umask).
+    for folder in reversed(path.parents):
+        if not folder.is_dir():
+            folder.mkdir(mode=0o700, exist_ok=True)
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
         handle.write(secrets.token_urlsafe(32) + "\n")

@@ -47,7 +47,10 @@ async def make_restic(settings: Settings) -> Restic:
     when restic is missing or older than 0.14."""
     binary = absolute_binary(settings.restic.binary)
     version = await read_version(binary)
-    settings.restic.cache_dir.mkdir(parents=True, exist_ok=True)
+    # restic's cache holds copies of the repository's metadata: the service's alone (0700).
+    for folder in (*reversed(settings.restic.cache_dir.parents), settings.restic.cache_dir):
+        if not folder.is_dir():
+            folder.mkdir(mode=0o700, exist_ok=True)
     log.info("restic %s at %s", version, binary)
     return Restic(
         Binary(binary, version, settings.restic.cache_dir),

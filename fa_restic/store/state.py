@@ -25,6 +25,10 @@ log = logging.getLogger("fa_restic.store")
 FORMAT = "fa-restic-state"
 VERSION = 1
 MIN_COMPACTION_LINES = 1000
+FILE_MODE = 0o600
+"""The state file, its journal and their temporary files: the records name users and paths."""
+FOLDER_MODE = 0o700
+"""A folder the store makes for them."""
 
 Value = dict[str, Any]
 Collections = dict[str, dict[str, Value]]
@@ -62,6 +66,37 @@ def _apply(collections: Collections, entry: Mapping[str, Any]) -> None:
             collections.setdefault(operation["put"], {})[operation["key"]] = operation["value"]
         else:
             collections.get(operation["delete"], {}).pop(operation["key"], None)
+
+
+def _open_private(path: Path) -> int:
+    """Returns a descriptor of `path` opened for writing, emptied, mode FILE_MODE.
+
+    The mode is set on the open file too: a file left by an older version (0644) is
+    tightened, whatever the umask.
+    """
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE)
+    try:
+        os.fchmod(descriptor, FILE_MODE)
+    except OSError:
+        os.close(descriptor)
+        raise
+    return descriptor
+
+
+def _make_folders(folder: Path) -> None:
+    """Creates `folder` and its missing parents, each mode FOLDER_MODE (Path.mkdir gives
+    parents the default mode); a folder that exists is left as it is."""
+    missing: list[Path] = []
+    while not folder.exists():
+        missing.append(folder)
+        if folder.parent == folder:
+            break
+        folder = folder.parent
+    for made in reversed(missing):
+        try:
+            made.mkdir(mode=FOLDER_MODE)
+        except FileExistsError:
+            continue
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -107,7 +142,7 @@ class StateStore:
         if self.journal_path.exists():
             self._replay(collections)
         self._collections = collections
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        _make_folders(self.path.parent)
         self._compact()
         return {name: dict(records) for name, records in collections.items()}
 
@@ -132,7 +167,7 @@ class StateStore:
         # json.dumps uses the C encoder; json.dump to a file would use the slow Python one.
         text = json.dumps(document, separators=(",", ":")) + "\n"
         try:
-            with temporary.open("w", encoding="utf-8") as handle:
+            with os.fdopen(_open_private(temporary), "w", encoding="utf-8") as handle:
                 handle.write(text)
                 handle.flush()
                 os.fsync(handle.fileno())
@@ -143,7 +178,8 @@ class StateStore:
         _fsync_folder(self.path.parent)
         if self._journal is not None:
             self._journal.close()
-        self._journal = self.journal_path.open("wb")  # truncates: the file now holds it all
+        # Emptied: the file now holds it all.
+        self._journal = os.fdopen(_open_private(self.journal_path), "wb")
         os.fsync(self._journal.fileno())
         _fsync_folder(self.path.parent)
         self._journal_lines = 0
