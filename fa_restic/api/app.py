@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from fa_restic.api.auth import Authenticator
-from fa_restic.api.errors import error_middleware
+from fa_restic.api.errors import clip, error_middleware
 from fa_restic.api.handlers import Handlers
 from fa_restic.api.openapi import build_document
 from fa_restic.jobs.service import JobService
@@ -56,6 +58,28 @@ ROUTES: tuple[Route, ...] = (
 SERVICE_KEY = web.AppKey("service", JobService)
 
 
+class _BadHttpFilter(logging.Filter):
+    """Turns aiohttp's log of a request it could not parse (a control character in a
+    header, a broken request line) into one warning line without a traceback: a client's
+    garbage is not the service's failure. aiohttp answers those itself, 400, before any
+    route or middleware sees them.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, HttpProcessingError):
+            reason = " ".join(str(error.message).split())
+            record.msg = "bad HTTP request from %s: %s"
+            remote = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
+            record.args = (remote, clip(reason))
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.exc_info = record.exc_text = None
+        return True
+
+
+_BAD_HTTP_FILTER = _BadHttpFilter()
+
+
 def make_app(service: JobService, authenticator: Authenticator, data_root: Path) -> web.Application:
     """Returns the application; the service starts with the app and stops with it."""
     app = web.Application(middlewares=[error_middleware], client_max_size=1 << 20)
@@ -68,6 +92,10 @@ def make_app(service: JobService, authenticator: Authenticator, data_root: Path)
         await service.start()
         yield
         await service.stop()
+        handlers.close()
+
+    # Logger.addFilter ignores a filter it already has: one per process however many apps.
+    logging.getLogger("aiohttp.server").addFilter(_BAD_HTTP_FILTER)
 
     app.cleanup_ctx.append(lifecycle)
     return app

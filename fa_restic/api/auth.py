@@ -65,6 +65,12 @@ class Authenticator:
         """Returns the caller the header names; raises ApiError (401) with the reason."""
         if not header:
             raise unauthorized("missing Authorization header")
+        if not header.isascii():
+            # aiohttp hands bytes that are not UTF-8 on as lone surrogates (surrogateescape).
+            try:
+                header.encode("utf-8")
+            except UnicodeEncodeError:
+                raise unauthorized("the Authorization header is not text") from None
         scheme, _, token = header.partition(" ")
         token = token.strip()
         if scheme.lower() != "bearer" or not token:

@@ -13,12 +13,25 @@ log = logging.getLogger("fa_restic.api")
 
 SUCCESS_CODE = 2001
 NOT_FOUND_CODE = 4001
+ECHO_LIMIT = 200
+"""The most characters of user input an answer repeats (SPEC §9)."""
+MESSAGE_LIMIT = 600
+"""A message is cut here whatever it holds: a prefix, a reason and at most ECHO_LIMIT echoed."""
+
+
+def clip(text: str, limit: int = ECHO_LIMIT) -> str:
+    """Returns `text` cut to at most `limit` characters, the last one `…` if it was cut.
+
+    Every piece of user input that goes into a message goes through here.
+    """
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 class ApiError(Exception):
     """An answer other than success: HTTP status, envelope code and message."""
 
     def __init__(self, http_status: int, code: int, message: str) -> None:
+        message = clip(message, MESSAGE_LIMIT)
         super().__init__(message)
         self.http_status = http_status
         self.code = code

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import json
+import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,18 +18,21 @@ from fa_restic.api.errors import (
     NOT_FOUND_CODE,
     ApiError,
     bad_request,
+    clip,
     envelope,
     forbidden,
     success,
 )
-from fa_restic.api.paths import PathRefused, resolve_in_home
+from fa_restic.api.paths import PathRefused, PathResolver
 from fa_restic.api.views import (
     BackupRequest,
+    BodyRefused,
     CancelRequest,
     Model,
     RestoreRequest,
     backup_view,
     describe_validation,
+    load_body,
     parse_id,
     restore_view,
 )
@@ -37,6 +41,9 @@ from fa_restic.jobs.models import BackupRecord, JobKind, RestoreRecord
 from fa_restic.jobs.service import Caller, JobService
 from fa_restic.metrics import CONTENT_TYPE
 from fa_restic.restic.errors import ResticError
+from fa_restic.restic.redact import redact
+
+log = logging.getLogger("fa_restic.api")
 
 BACKUP = "err when backup file"
 RESTORE = "err when restore file"
@@ -57,6 +64,13 @@ HEALTH_TIMEOUT_SECONDS = 15.0
 class _HealthCache:
     checked_at: float = -HEALTH_CACHE_SECONDS
     repository: str = "not checked yet"
+    """What an admin sees: restic's own text where it failed."""
+    public: str = "not checked yet"
+    """What anyone sees: no backend account, host or repository path (SPEC §9)."""
+
+
+def _as_is(text: str) -> str:
+    return text
 
 
 class Handlers:
@@ -75,18 +89,30 @@ class Handlers:
         self.openapi = openapi
         self._health = _HealthCache()
         self._health_lock = asyncio.Lock()
+        self.paths = PathResolver(data_root)
+
+    def close(self) -> None:
+        """Stops the path resolver's threads."""
+        self.paths.close()
 
     # -- helpers -----------------------------------------------------------------------
 
     def _caller(self, request: web.Request) -> Caller:
         return self.authenticator.authenticate(request.headers.get("Authorization"))
 
+    def _redact(self, text: str) -> str:
+        return redact(text, self.service.restic.repository.url)
+
+    def _show(self, caller: Caller) -> Callable[[str], str]:
+        """Returns how `extra` is shown to `caller`: admins see restic's text as it is."""
+        return _as_is if caller.admin else self._redact
+
     @staticmethod
     async def _body(request: web.Request, model: type[Model], prefix: str) -> Model:
         try:
-            data = json.loads(await request.read() or b"null")
-        except (ValueError, UnicodeDecodeError):
-            raise bad_request(prefix, "body is not valid JSON") from None
+            data = load_body(await request.read())
+        except BodyRefused as error:
+            raise bad_request(prefix, str(error)) from None
         try:
             return model.model_validate(data)
         except ValidationError as error:
@@ -100,17 +126,20 @@ class Handlers:
         return job_id
 
     async def _resolve(
-        self, caller: Caller, given: str, prefix: str, *, must_exist: bool, folder: bool = False
+        self,
+        caller: Caller,
+        given: str,
+        prefix: str,
+        *,
+        must_exist: bool,
+        folder: bool = False,
+        field: str = "path",
     ) -> Path:
-        # realpath and stat can block on a slow file system: not on the event loop.
+        # realpath and stat can block on a slow file system: not on the event loop, and not
+        # on the shared thread pool either (PathResolver).
         try:
-            return await asyncio.to_thread(
-                resolve_in_home,
-                self.data_root,
-                caller.user,
-                given,
-                must_exist=must_exist,
-                folder=folder,
+            return await self.paths.resolve(
+                caller.user, given, must_exist=must_exist, folder=folder, field=field
             )
         except PathRefused as error:
             raise bad_request(prefix, str(error)) from None
@@ -125,7 +154,9 @@ class Handlers:
             record = await self.service.submit_backup(caller, body.id, path)
         except JobError as error:
             raise bad_request(BACKUP, str(error)) from None
-        return success(backup_view(record, self.service.progress("backup", record)))
+        return success(
+            backup_view(record, self.service.progress("backup", record), self._show(caller))
+        )
 
     async def get_backup(self, request: web.Request) -> web.Response:
         caller = self._caller(request)
@@ -134,7 +165,9 @@ class Handlers:
             record = self.service.get_backup(caller, backup_id)
         except UnknownJob:
             return envelope(NOT_FOUND_CODE, f"{LOAD_BACKUP} [ {backup_id} ]: no such record", None)
-        return success(backup_view(record, self.service.progress("backup", record)))
+        return success(
+            backup_view(record, self.service.progress("backup", record), self._show(caller))
+        )
 
     async def delete_backup(self, request: web.Request) -> web.Response:
         caller = self._caller(request)
@@ -156,9 +189,9 @@ class Handlers:
             raise bad_request(prefix, str(error)) from None
         progress = self.service.progress(kind.value, record)
         if isinstance(record, BackupRecord):
-            return success(backup_view(record, progress))
+            return success(backup_view(record, progress, self._show(caller)))
         assert isinstance(record, RestoreRecord)
-        return success(restore_view(record, progress))
+        return success(restore_view(record, progress, self._show(caller)))
 
     async def _cancel_all(self, request: web.Request, kind: JobKind) -> web.Response:
         caller = self._caller(request)
@@ -182,14 +215,18 @@ class Handlers:
     async def post_restore(self, request: web.Request) -> web.Response:
         caller = self._caller(request)
         body = await self._body(request, RestoreRequest, RESTORE)
-        target = await self._resolve(caller, body.dst_path, RESTORE, must_exist=False, folder=True)
+        target = await self._resolve(
+            caller, body.dst_path, RESTORE, must_exist=False, folder=True, field="dst_path"
+        )
         try:
             record = await self.service.submit_restore(
                 caller, body.restore_id, body.backup_id, target
             )
         except JobError as error:
             raise bad_request(RESTORE, str(error)) from None
-        return success(restore_view(record, self.service.progress("restore", record)))
+        return success(
+            restore_view(record, self.service.progress("restore", record), self._show(caller))
+        )
 
     async def get_restore(self, request: web.Request) -> web.Response:
         caller = self._caller(request)
@@ -200,7 +237,9 @@ class Handlers:
             return envelope(
                 NOT_FOUND_CODE, f"{LOAD_RESTORE} [ {restore_id} ]: no such record", None
             )
-        return success(restore_view(record, self.service.progress("restore", record)))
+        return success(
+            restore_view(record, self.service.progress("restore", record), self._show(caller))
+        )
 
     # -- the repository ----------------------------------------------------------------
 
@@ -224,11 +263,12 @@ class Handlers:
 
     # -- open routes -------------------------------------------------------------------
 
-    async def _repository_state(self) -> str:
+    async def _repository_state(self) -> _HealthCache:
         async with self._health_lock:
             now = time.monotonic()
             if now - self._health.checked_at < HEALTH_CACHE_SECONDS:
-                return self._health.repository
+                return self._health
+            public = None
             if self.service.destroyed:
                 state = "destroyed; the next backup creates a new repository"
             else:
@@ -239,17 +279,32 @@ class Handlers:
                     state = "ok" if exists else "not initialised; the next backup creates it"
                 except ResticError as error:
                     state = error.message
+                    public = f"{error.kind.value}: {clip(self._redact(error.message))}"
                 except TimeoutError:
                     state = "no answer from the repository within 15 s"
-            self._health = _HealthCache(time.monotonic(), state)
-            return state
+            if state != self._health.repository and public is not None:
+                log.warning("healthz: repository not reachable: %s", state)
+            self._health = _HealthCache(time.monotonic(), state, public or state)
+            return self._health
+
+    def _admin_or_none(self, request: web.Request) -> bool:
+        """True if the request carries an admin token; healthz needs none and refuses none."""
+        if "Authorization" not in request.headers:
+            return False
+        try:
+            return self._caller(request).admin
+        except ApiError:
+            return False
 
     async def healthz(self, request: web.Request) -> web.Response:
         health = self.service.health()
+        repository = await self._repository_state()
         return success(
             {
                 "restic_version": str(self.service.restic.version),
-                "repository": await self._repository_state(),
+                "repository": (
+                    repository.repository if self._admin_or_none(request) else repository.public
+                ),
                 "pending": health.pending,
                 "running": health.running,
             }

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import re
+from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
@@ -36,6 +39,58 @@ class CancelRequest(_Request):
 
 Model = TypeVar("Model", bound=_Request)
 
+MAX_JSON_DEPTH = 100
+"""Deeper bodies are refused (SPEC §9); none of ours is deeper than 1."""
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+class BodyRefused(ValueError):
+    """A body that is not JSON text this service reads; the message is the reason."""
+
+
+def _check_value(value: Any) -> None:
+    """Raises BodyRefused if `value` is nested deeper than MAX_JSON_DEPTH or holds a string
+    (or key) that is not valid Unicode (a lone surrogate from a `\\ud800` escape)."""
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            if not item.isascii():
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise BodyRefused(
+                        "body holds a string that is not text (a lone surrogate)"
+                    ) from None
+        elif isinstance(item, dict | list):
+            if depth >= MAX_JSON_DEPTH:
+                raise BodyRefused(f"body is nested deeper than {MAX_JSON_DEPTH} levels")
+            inner = [*item.keys(), *item.values()] if isinstance(item, dict) else item
+            stack.extend((element, depth + 1) for element in inner)
+
+
+def load_body(raw: bytes) -> Any:
+    """Returns the JSON value of a request body (an empty body is null).
+
+    Raises BodyRefused: not UTF-8, not JSON, nested deeper than MAX_JSON_DEPTH, or a lone
+    surrogate in a string. Linear in the body's size; the walk over the value only runs for
+    a body that may break a rule (brackets enough, or a surrogate escape).
+    """
+    try:
+        text = raw.decode("utf-8")  # RFC 8259 §8.1; strict: no encoded surrogates either
+    except UnicodeDecodeError:
+        raise BodyRefused("body is not valid JSON") from None
+    try:
+        value = json.loads(text or "null")
+    except RecursionError:  # the C decoder gives up near 1,000 levels
+        raise BodyRefused(f"body is nested deeper than {MAX_JSON_DEPTH} levels") from None
+    except ValueError:
+        raise BodyRefused("body is not valid JSON") from None
+    brackets = text.count("[") + text.count("{")
+    if brackets > MAX_JSON_DEPTH or _SURROGATE_ESCAPE.search(text):
+        _check_value(value)
+    return value
+
 
 def describe_validation(error: ValidationError) -> str:
     """Returns the first problem as `field: reason`."""
@@ -65,11 +120,17 @@ def _progress(progress: Progress) -> dict[str, Any]:
     return progress.model_dump()
 
 
-def _common(record: JobRecord, progress: Progress) -> dict[str, Any]:
+def _shown(text: str) -> str:
+    return text
+
+
+def _common(
+    record: JobRecord, progress: Progress, show: Callable[[str], str] = _shown
+) -> dict[str, Any]:
     return {
         "status": record.status.value,
         "stat": {"total_size": record.total_size, "pack_size": record.pack_size},
-        "extra": record.extra,
+        "extra": show(record.extra),
         "progress": _progress(progress),
         "created_at": rfc3339(record.created_at),
         "started_at": rfc3339(record.started_at),
@@ -77,20 +138,26 @@ def _common(record: JobRecord, progress: Progress) -> dict[str, Any]:
     }
 
 
-def backup_view(record: BackupRecord, progress: Progress) -> dict[str, Any]:
+def backup_view(
+    record: BackupRecord, progress: Progress, show: Callable[[str], str] = _shown
+) -> dict[str, Any]:
+    """Returns what GET shows of a backup; `show` is applied to `extra` (redaction)."""
     return {
         "id": record.id,
         "path": record.path,
-        **_common(record, progress),
+        **_common(record, progress, show),
         "snapshot_id": record.snapshot_id,
     }
 
 
-def restore_view(record: RestoreRecord, progress: Progress) -> dict[str, Any]:
+def restore_view(
+    record: RestoreRecord, progress: Progress, show: Callable[[str], str] = _shown
+) -> dict[str, Any]:
+    """Returns what GET shows of a restore; `show` is applied to `extra` (redaction)."""
     return {
         "restore_id": record.id,
         "backup_id": record.backup_id,
         "dst_path": record.dst_path,
-        **_common(record, progress),
+        **_common(record, progress, show),
         "snapshot_id": record.snapshot_id,
     }
