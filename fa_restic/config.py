@@ -54,6 +54,8 @@ class ResticSettings(_Section):
 
 class JobSettings(_Section):
     max_running: Annotated[int, Field(ge=1, le=64)] = 2
+    max_pending_per_user: Annotated[int, Field(ge=1)] = 100
+    """Pending backups and restores of one user, together; admin tokens are not capped."""
     max_attempts: Annotated[int, Field(ge=1, le=10)] = 2
     cancel_grace_seconds: Annotated[float, Field(gt=0, le=60)] = 3.0
     lock_wait_seconds: Annotated[float, Field(ge=0, le=86400)] = 120.0

@@ -36,6 +36,7 @@ async def build_app(settings: Settings) -> web.Application:
     settings.paths.data_root.mkdir(parents=True, exist_ok=True)
     options = JobOptions(
         max_running=settings.jobs.max_running,
+        max_pending_per_user=settings.jobs.max_pending_per_user,
         max_attempts=settings.jobs.max_attempts,
         lock_wait_seconds=settings.jobs.lock_wait_seconds,
         prune_interval_seconds=settings.maintenance.prune_interval_seconds,

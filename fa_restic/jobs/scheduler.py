@@ -1,6 +1,15 @@
 """What runs when: shared repository work (backups, restores) up to `max_running` at
 once, and exclusive work (forget, prune, unlock, destroy) only when none runs.
 
+Jobs are taken fairly between users (SPEC §9): the next free slot goes to the user
+who has waited longest for a turn, and each user's jobs start first in, first out.
+Users with queued jobs stand in one line; the user at its head gets the slot and
+goes to its back if more of their jobs wait. A user who had nothing queued joins at
+the back. So a user who queues one job waits for at most one job of each other
+waiting user, however many those queued. Queuing, taking and removing a job are
+O(1) (the job layer queues in ascending sequence), so queuing or cancelling 50,000
+jobs costs 50,000 small steps, not 50,000².
+
 Exclusive maintenance never starves users: when a job is waiting, preemptible
 maintenance (prune) is interrupted and runs again later.
 """
@@ -9,10 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import heapq
 import logging
-from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
+from collections import OrderedDict
+from collections.abc import Callable, Coroutine, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 log = logging.getLogger("fa_restic.jobs")
@@ -30,14 +39,28 @@ class ExclusiveWork:
     preemptible: bool = False
 
 
-@dataclass(order=True)
-class _Queued:
-    sequence: int
-    key: JobKey = field(compare=False)
-
-
 MaintenancePicker = Callable[[], ExclusiveWork | None]
 JobRunner = Callable[[JobKey], Coroutine[Any, Any, None]]
+
+
+class _UserQueue:
+    """One user's queued jobs in ascending sequence: key -> sequence."""
+
+    __slots__ = ("jobs",)
+
+    def __init__(self) -> None:
+        self.jobs: OrderedDict[JobKey, int] = OrderedDict()
+
+    def add(self, key: JobKey, sequence: int) -> None:
+        """Adds a job in its place by sequence: O(1) when it is the newest, as it is
+        when the job layer enqueues; otherwise O(jobs queued after it)."""
+        jobs = self.jobs
+        later: list[tuple[JobKey, int]] = []
+        while jobs and next(reversed(jobs.values())) > sequence:
+            later.append(jobs.popitem(last=True))
+        jobs[key] = sequence
+        for other, other_sequence in reversed(later):
+            jobs[other] = other_sequence
 
 
 class Scheduler:
@@ -54,32 +77,41 @@ class Scheduler:
         self._run_job = run_job
         self._pick_maintenance = pick_maintenance
         self._idle_poll_seconds = idle_poll_seconds
-        self._queue: list[_Queued] = []
-        self._queued: set[JobKey] = set()
+        self._line: OrderedDict[str, _UserQueue] = OrderedDict()
+        """Users with queued jobs, the one who has waited longest for a turn first."""
+        self._queued: dict[JobKey, str] = {}
+        """Every queued job -> its user."""
         self._running: dict[JobKey, asyncio.Task[None]] = {}
         self._exclusive: tuple[ExclusiveWork, asyncio.Task[None]] | None = None
         self._requests: list[tuple[ExclusiveWork, asyncio.Future[None]]] = []
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         self._paused = False
+        self._holds = 0
 
     # -- what the job layer tells it ------------------------------------------------
 
-    def enqueue(self, key: JobKey, sequence: int) -> None:
-        """Queues a job; it starts when a slot is free, in ascending `sequence`."""
+    def enqueue(self, key: JobKey, sequence: int, user: str) -> None:
+        """Queues a job of `user`; a user's jobs start in ascending `sequence`, users take
+        turns. A job already queued or running is left as it is."""
         if key in self._queued or key in self._running:
             return
-        heapq.heappush(self._queue, _Queued(sequence, key))
-        self._queued.add(key)
+        queue = self._line.get(user)
+        if queue is None:
+            queue = self._line[user] = _UserQueue()  # joins the line at its back
+        queue.add(key, sequence)
+        self._queued[key] = user
         self.wake()
 
     def dequeue(self, key: JobKey) -> bool:
         """Removes a job that has not started; returns False if it was not queued."""
-        if key not in self._queued:
+        user = self._queued.pop(key, None)
+        if user is None:
             return False
-        self._queued.discard(key)
-        self._queue = [item for item in self._queue if item.key != key]
-        heapq.heapify(self._queue)
+        queue = self._line[user]
+        del queue.jobs[key]
+        if not queue.jobs:
+            del self._line[user]
         return True
 
     def task_of(self, key: JobKey) -> asyncio.Task[None] | None:
@@ -89,6 +121,11 @@ class Scheduler:
     @property
     def queued_count(self) -> int:
         return len(self._queued)
+
+    def queued_of(self, user: str) -> int:
+        """Returns how many jobs of `user` wait in the queue."""
+        queue = self._line.get(user)
+        return len(queue.jobs) if queue is not None else 0
 
     @property
     def running_count(self) -> int:
@@ -101,6 +138,20 @@ class Scheduler:
     def wake(self) -> None:
         """Makes the loop look again (after new work or a finished job)."""
         self._wake.set()
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """Starts no job and no maintenance while inside; running work goes on.
+
+        A cancel-all that gives the event loop back between its steps holds the
+        scheduler, so that none of the jobs it is about to cancel starts meanwhile.
+        """
+        self._holds += 1
+        try:
+            yield
+        finally:
+            self._holds -= 1
+            self.wake()
 
     def request(self, work: ExclusiveWork) -> asyncio.Future[None]:
         """Queues `work` to run once no job or maintenance runs; new jobs wait meanwhile.
@@ -138,11 +189,14 @@ class Scheduler:
                 await task
 
     async def _loop(self) -> None:
-        while True:
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancel
+        # that lands as the wake-up does, and `stop` then waited for the idle poll.
+        while not self._paused:
             self._wake.clear()
             self._step()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._idle_poll_seconds)
+                async with asyncio.timeout(self._idle_poll_seconds):
+                    await self._wake.wait()
 
     def _step(self) -> None:
         if self._paused:
@@ -158,14 +212,26 @@ class Scheduler:
                 work, future = self._requests.pop(0)
                 self._start_exclusive(work, future)
             return
-        while self._queue and len(self._running) < self._max_running:
-            item = heapq.heappop(self._queue)
-            self._queued.discard(item.key)
-            self._start_job(item.key)
+        if self._holds:
+            return
+        while self._line and len(self._running) < self._max_running:
+            self._start_job(self._take_turn())
         if not self._running and not self._queued:
             maintenance = self._pick_maintenance()
             if maintenance is not None:
                 self._start_exclusive(maintenance, None)
+
+    def _take_turn(self) -> JobKey:
+        """Removes and returns the oldest job of the user at the head of the line, who
+        goes to the back of the line if more of their jobs wait."""
+        user, queue = next(iter(self._line.items()))
+        key, _ = queue.jobs.popitem(last=False)
+        del self._queued[key]
+        if queue.jobs:
+            self._line.move_to_end(user)
+        else:
+            del self._line[user]
+        return key
 
     def _start_job(self, key: JobKey) -> None:
         task = asyncio.create_task(self._run_job(key), name=f"{key[0]}-{key[1]}")
