@@ -31,6 +31,8 @@ class ServerSettings(_Section):
 class PathSettings(_Section):
     data_root: Path = Path("var/data")
     state_file: Path = Path("var/state.json")
+    allow_symlink_races: bool = False
+    """Start even where restic cannot be confined to a home (single-user machines only)."""
 
 
 class RepositorySettings(_Section):
@@ -134,9 +136,11 @@ def _absolutise(settings: Settings, base: Path) -> Settings:
         password_file = Path("var/repo.password")
     return settings.model_copy(
         update={
-            "paths": PathSettings(
-                data_root=_resolve(base, settings.paths.data_root),
-                state_file=_resolve(base, settings.paths.state_file),
+            "paths": settings.paths.model_copy(
+                update={
+                    "data_root": _resolve(base, settings.paths.data_root),
+                    "state_file": _resolve(base, settings.paths.state_file),
+                }
             ),
             "repository": repository.model_copy(
                 update={

@@ -16,7 +16,7 @@ from fa_restic.config import Settings
 from fa_restic.jobs.service import JobOptions, JobService
 from fa_restic.metrics import Metrics
 from fa_restic.store import StateStore
-from fa_restic.wiring import local_repository_path, make_restic
+from fa_restic.wiring import backups_confined, local_repository_path, make_restic
 
 log = logging.getLogger("fa_restic")
 
@@ -33,6 +33,7 @@ async def build_app(settings: Settings) -> web.Application:
     store = StateStore(settings.paths.state_file)
     collections = await asyncio.to_thread(store.load)
     restic = await make_restic(settings)
+    confined = await asyncio.to_thread(backups_confined, settings)
     settings.paths.data_root.mkdir(parents=True, exist_ok=True)
     options = JobOptions(
         max_running=settings.jobs.max_running,
@@ -42,6 +43,7 @@ async def build_app(settings: Settings) -> web.Application:
         prune_interval_seconds=settings.maintenance.prune_interval_seconds,
         local_repository=local_repository_path(settings),
         data_root=settings.paths.data_root,
+        confine_backups=confined,
     )
     service = JobService(options, store, restic, Metrics(str(restic.version)))
     service.load(collections)

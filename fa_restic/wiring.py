@@ -7,7 +7,8 @@ import os
 import shutil
 from pathlib import Path
 
-from fa_restic.config import Settings, ensure_password_file
+from fa_restic.config import ConfigError, Settings, ensure_password_file
+from fa_restic.restic import sandbox
 from fa_restic.restic.client import Restic, read_version
 from fa_restic.restic.commands import Binary, Repository
 
@@ -58,4 +59,27 @@ async def make_restic(settings: Settings) -> Restic:
         progress_fps=settings.restic.progress_fps,
         grace_seconds=settings.jobs.cancel_grace_seconds,
         backend_wait_seconds=settings.jobs.lock_wait_seconds,
+    )
+
+
+def backups_confined(settings: Settings) -> bool:
+    """Returns True if backups can run confined to the caller's home, False if they cannot
+    and `[paths] allow_symlink_races` allows that; raises ConfigError otherwise (SPEC §9).
+
+    Runs a short probe in a child process: call it off the event loop.
+    """
+    reason = sandbox.probe()
+    if reason is None:
+        log.info("backups run confined to the caller's home (mount namespace, nosymfollow)")
+        return True
+    if settings.paths.allow_symlink_races:
+        log.warning(
+            "backups run NOT confined to the caller's home (%s): a user can make the "
+            "service read files outside their home; [paths] allow_symlink_races = true",
+            reason,
+        )
+        return False
+    raise ConfigError(
+        f"[paths] allow_symlink_races: backups cannot be confined to a home here ({reason}); "
+        "refusing to start (set it to true only on a single-user machine)"
     )

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from fa_restic.jobs.models import Progress
+from fa_restic.restic import sandbox
 from fa_restic.restic.client import BackupResult, Restic
 from fa_restic.restic.messages import BackupStatus
+from fa_restic.restic.sandbox import Confinement
 
 ProgressHandler = Callable[[Progress], None]
 StartHandler = Callable[[int], Awaitable[None]]
@@ -20,16 +23,47 @@ def snapshot_tags(backup_id: int, user: str) -> tuple[str, str]:
     return (f"fa:id={backup_id}", f"fa:user={user}")
 
 
-def source_form(path: Path) -> tuple[Path, list[str]]:
-    """Returns (working folder, paths) to give restic for `path`.
+@dataclass(frozen=True)
+class Source:
+    """What a backup reads: one path inside one user's home."""
+
+    users_root: str
+    """The real folder of the homes (`<data_root>/users`, symlinks resolved at start)."""
+    user: str
+    path: str
+    """The absolute path checked at POST; it must still lie in the home."""
+    confined: bool = True
+    """False only where confinement cannot be had and the config allows that."""
+
+    def relative(self) -> str:
+        """Returns the path relative to the home; raises ValueError if it is not inside."""
+        home = os.path.join(self.users_root, self.user)
+        relative = os.path.relpath(self.path, home)
+        if relative == os.curdir:
+            return ""
+        if relative == os.pardir or relative.startswith(os.pardir + os.sep):
+            raise ValueError(f"{self.path!r} is not in the home of {self.user}")
+        return relative
+
+
+def source_form(source: Source) -> tuple[Confinement, list[str]]:
+    """Returns (where restic runs, paths to give it) for `source`.
 
     A folder is backed up as `.` from inside it and a file by its name from its
     folder, so a plain `restic restore --target DST` puts the folder's contents,
-    or the file, directly in DST on every restic version (NOTES §5).
+    or the file, directly in DST on every restic version (NOTES §5). Looks without
+    following symlinks; raises FileNotFoundError, or sandbox.Refused if a symlink
+    now stands in the way.
     """
-    if path.is_dir():
-        return path, ["."]
-    return path.parent, [path.name]
+    relative = source.relative()
+    try:
+        folder = sandbox.is_folder(source.users_root, source.user, relative)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"path no longer exists: {source.path}") from None
+    if folder:
+        return Confinement(source.users_root, source.user, relative), ["."]
+    folder, name = os.path.split(relative)
+    return Confinement(source.users_root, source.user, folder), [name]
 
 
 def progress_of(status: BackupStatus) -> Progress:
@@ -63,21 +97,26 @@ def describe_incomplete(result: BackupResult) -> str:
 async def run_backup(
     restic: Restic,
     backup_id: int,
-    user: str,
-    path: Path,
+    source: Source,
     on_progress: ProgressHandler,
     on_start: StartHandler,
 ) -> BackupOutcome:
-    """Backs `path` up; returns the snapshot and sizes, raises ResticError or FileNotFoundError."""
-    if not await asyncio.to_thread(path.exists):
-        raise FileNotFoundError(f"path no longer exists: {path}")
-    cwd, paths = await asyncio.to_thread(source_form, path)
+    """Backs `source` up; returns the snapshot and sizes.
+
+    Raises ResticError, FileNotFoundError, or sandbox.Refused when the path changed.
+    """
+    confinement, paths = await asyncio.to_thread(source_form, source)
 
     def on_status(status: BackupStatus) -> None:
         on_progress(progress_of(status))
 
     result = await restic.backup(
-        cwd, paths, snapshot_tags(backup_id, user), on_status=on_status, on_start=on_start
+        Path(confinement.working_folder),
+        paths,
+        snapshot_tags(backup_id, source.user),
+        on_status=on_status,
+        on_start=on_start,
+        confinement=confinement if source.confined else None,
     )
     summary = result.summary
     return BackupOutcome(

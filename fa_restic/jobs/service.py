@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fa_restic.jobs import maintenance
-from fa_restic.jobs.backup import run_backup, snapshot_tags
+from fa_restic.jobs.backup import Source, run_backup, snapshot_tags
 from fa_restic.jobs.errors import JobConflict, UnknownJob
 from fa_restic.jobs.models import (
     BackupRecord,
@@ -37,6 +38,7 @@ from fa_restic.metrics import Metrics
 from fa_restic.restic import runner
 from fa_restic.restic.client import Restic, RestoreResult
 from fa_restic.restic.errors import ResticError
+from fa_restic.restic.sandbox import EXIT_REFUSED, Refused
 from fa_restic.store import Delete, Operation, Put, StateStore
 from fa_restic.store.state import Collections
 
@@ -67,6 +69,9 @@ class JobOptions:
     """The repository's folder when it is on this machine (destroy removes it)."""
     data_root: Path = Path("var/data")
     """User homes are <data_root>/users/<user>."""
+    confine_backups: bool = True
+    """Run backups' restic confined to the home (fa_restic.restic.sandbox); False only where
+    that cannot be had and `[paths] allow_symlink_races` allows it."""
 
 
 @dataclass(frozen=True)
@@ -687,8 +692,11 @@ class JobService:
         except asyncio.CancelledError:
             await asyncio.shield(self._interrupted(key, record))
             return
-        except (ResticError, OSError) as error:
+        except (ResticError, OSError, Refused, ValueError) as error:
             message = error.message if isinstance(error, ResticError) else str(error)
+            if isinstance(error, ResticError) and error.exit_code not in (None, EXIT_REFUSED):
+                # restic may have left its lock (it failed writing); before the job says failed.
+                await asyncio.shield(self.restic.remove_stale_locks())
             await asyncio.shield(self._end(key, record, JobStatus.FAILED, message))
             return
         finally:
@@ -718,10 +726,10 @@ class JobService:
     async def _back_up(self, key: JobKey, record: BackupRecord) -> JobResult:
         await self._ensure_repository()
         on_progress, on_start = self._progress_handlers(key, record)
+        users_root = await asyncio.to_thread(os.path.realpath, self.options.data_root / "users")
+        source = Source(users_root, record.user, record.path, self.options.confine_backups)
         outcome = await retry_transient(
-            lambda: run_backup(
-                self.restic, record.id, record.user, Path(record.path), on_progress, on_start
-            ),
+            lambda: run_backup(self.restic, record.id, source, on_progress, on_start),
             self.options.lock_wait_seconds,
             f"backup {record.id}",
         )

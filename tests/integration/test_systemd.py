@@ -70,8 +70,9 @@ def test_unit_has_the_hardening_of_spec_8() -> None:
     settings = dict(service_settings(UNIT.read_text(encoding="utf-8")))
     expected = {
         "Type": "simple",
-        "User": "fa-restic",
-        "Group": "fa-restic",
+        "User": "root",
+        "Group": "root",
+        "RestrictNamespaces": "mnt",
         "StateDirectory": "fa-restic",
         "CacheDirectory": "fa-restic",
         "ProtectSystem": "strict",
@@ -164,6 +165,16 @@ def test_exec_start_serves_and_stops_on_sigterm_with_exit_0(tmp_path: Path) -> N
             environment[name] = text
     assert str(VENV / "bin") in environment.get("PATH", "").split(":"), environment
 
+    # The unit's capability bounding set and NoNewPrivileges, as systemd applies them: the
+    # service must start with only those (its start-up probe confines a command for real).
+    capabilities = dict(settings)["CapabilityBoundingSet"].lower().replace("cap_", "+").split()
+    argv = [
+        "setpriv",
+        "--no-new-privs",
+        f"--bounding-set=-all,{','.join(capabilities)}",
+        "--inh-caps=-all",
+        *argv,
+    ]
     log_path = tmp_path / "service.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(
@@ -195,3 +206,37 @@ def test_exec_start_serves_and_stops_on_sigterm_with_exit_0(tmp_path: Path) -> N
             if process.poll() is None:
                 process.kill()
                 process.wait()
+
+
+def test_without_cap_sys_admin_it_refuses_to_start_unless_allowed(tmp_path: Path) -> None:
+    """SPEC §9: where backups cannot be confined the start stops, in one line naming the key."""
+    config = write_example_config(tmp_path, free_port())
+    serve = [str(VENV / "bin" / "fa-restic"), "serve", "--config", str(config)]
+    no_mounts = ["setpriv", "--bounding-set=-sys_admin", "--inh-caps=-all", *serve]
+    environment = {**os.environ, "FA_JWT_SECRET": JWT_SECRET}
+    refused = subprocess.run(
+        no_mounts, env=environment, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert refused.returncode != 0
+    lines = [line for line in refused.stderr.splitlines() if "allow_symlink_races" in line]
+    assert len(lines) == 1, refused.stderr
+    assert "cannot be confined" in lines[0] and "Traceback" not in refused.stderr
+
+    allowed = config.read_text(encoding="utf-8").replace(
+        "[paths]\n", "[paths]\nallow_symlink_races = true\n", 1
+    )
+    config.write_text(allowed, encoding="utf-8")
+    port = int(re.findall(r"(?m)^port = (\d+)", allowed)[0])
+    log_path = tmp_path / "allowed.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(no_mounts, env=environment, stdout=log, stderr=log)
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and _healthz(port) is None:
+                assert process.poll() is None, log_path.read_text(errors="replace")
+                time.sleep(0.1)
+            assert _healthz(port) is not None
+        finally:
+            process.terminate()
+            process.wait(timeout=15)
+    assert "NOT confined" in log_path.read_text(errors="replace")
