@@ -57,13 +57,13 @@ def source_form(source: Source) -> tuple[Confinement, list[str]]:
     """
     relative = source.relative()
     try:
-        folder = sandbox.is_folder(source.users_root, source.user, relative)
+        is_folder = sandbox.is_folder(source.users_root, source.user, relative)
     except FileNotFoundError:
         raise FileNotFoundError(f"path no longer exists: {source.path}") from None
-    if folder:
+    if is_folder:
         return Confinement(source.users_root, source.user, relative), ["."]
-    folder, name = os.path.split(relative)
-    return Confinement(source.users_root, source.user, folder), [name]
+    parent, name = os.path.split(relative)
+    return Confinement(source.users_root, source.user, parent), [name]
 
 
 def progress_of(status: BackupStatus) -> Progress:
