@@ -28,6 +28,7 @@ from fa_restic.restic.messages import (
     Snapshot,
     StatsResult,
     parse_backup_line,
+    parse_missing_source,
     parse_restore_line,
     parse_snapshots,
     parse_stats,
@@ -257,9 +258,15 @@ class Restic:
             message = parse_stderr_line(line)
             # restic reports an unreadable folder once while scanning and again while archiving.
             if isinstance(message, ItemError) and message.during != "scan":
-                unreadable_count += 1
-                if len(unreadable) < ITEM_ERRORS_KEPT:
-                    unreadable.append(clean_line(message.text))
+                text = message.text
+            elif (missing := parse_missing_source(line)) is not None:
+                # A source gone since it was checked: 0.19 exits 3, older restic 0 (same here).
+                text = f"{missing}: does not exist"
+            else:
+                return
+            unreadable_count += 1
+            if len(unreadable) < ITEM_ERRORS_KEPT:
+                unreadable.append(clean_line(text))
 
         completed = await self._run(
             commands.backup_command(self.binary, tags, paths),
@@ -352,8 +359,17 @@ class Restic:
         return (await self.stats(snapshot.id)).total_size, 0
 
     async def forget(self, snapshot_ids: Sequence[str], lock_wait: float = 0) -> None:
-        """Forgets snapshots by id (restic exits 0 even for unknown ids: check afterwards)."""
-        await self._checked(commands.forget_command(self.binary, snapshot_ids, lock_wait))
+        """Forgets snapshots by id; what is really gone must be checked afterwards.
+
+        restic exits 0 for unknown ids, and for snapshots it could not remove (an
+        append-only server) 0 before 0.19 and 3 from 0.19 on: neither raises here.
+        """
+        argv = commands.forget_command(self.binary, snapshot_ids, lock_wait)
+        completed = await self._run(argv)
+        if completed.exit_code == EXIT_INCOMPLETE:
+            log.warning("forget: restic could not remove every snapshot (exit 3)")
+        elif completed.exit_code != 0:
+            raise classify(completed.exit_code, completed.stderr_tail)
 
     async def prune(
         self, lock_wait: float = 0, on_start: runner.StartHandler | None = None

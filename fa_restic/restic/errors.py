@@ -1,4 +1,4 @@
-"""restic's failures, classified: 0.18's exit codes and exit_error lines first, 0.14's text last."""
+"""restic's failures, classified: exit_error lines and 0.17+ exit codes first, 0.14's text last."""
 
 from __future__ import annotations
 
@@ -25,15 +25,18 @@ class ErrorKind(Enum):
         return self in (ErrorKind.LOCKED, ErrorKind.BACKEND)
 
 
+# 3 (snapshot made, some sources unreadable or, from 0.19, missing; 0.19 forget: some snapshots
+# not removed) is no failure: the backup and forget callers look at it first.
 EXIT_CODE_TO_KIND: dict[int, ErrorKind] = {
     10: ErrorKind.REPOSITORY_MISSING,
     11: ErrorKind.LOCKED,
     12: ErrorKind.WRONG_PASSWORD,
-    130: ErrorKind.INTERRUPTED,
+    130: ErrorKind.INTERRUPTED,  # 0.14 and 0.19 on SIGINT; 0.17-0.18 exit 1 ("context canceled")
 }
 
 # Checked in order: a backend that is down also prints "Is there a repository...", and
-# so does 0.18 interrupted while it opens the repository ("context canceled").
+# so does 0.18 interrupted while it opens the repository ("context canceled"); 0.19 says
+# "context canceled" in its exit_error too, with code 130.
 TEXT_TO_KIND: tuple[tuple[str, ErrorKind], ...] = (
     ("context canceled", ErrorKind.INTERRUPTED),
     ("no space left on device", ErrorKind.NO_SPACE),

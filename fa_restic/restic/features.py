@@ -27,6 +27,10 @@ class Feature(Enum):
         "restore replaces a symlink already in the target instead of writing through it"
         " (not enough to restore as root into a user's folder: see fa_restic.jobs.staging)"
     )
+    MISSING_SOURCE_EXIT_3 = (
+        "backup of a missing source path beside existing ones exits 3 (incomplete), not 0"
+    )
+    FORGET_FAILURE_EXIT_3 = "forget exits 3, not 0, when it could not remove a snapshot"
 
 
 MINIMUM_VERSION = ResticVersion(0, 14, 0)
@@ -38,7 +42,13 @@ FEATURE_TO_MINIMUM_VERSION: dict[Feature, ResticVersion] = {
     Feature.SPECIFIC_EXIT_CODES: ResticVersion(0, 17, 0),
     Feature.EXIT_ERROR_JSON: ResticVersion(0, 17, 0),
     Feature.RESTORE_REPLACES_SYMLINKS: ResticVersion(0, 17, 0),
+    Feature.MISSING_SOURCE_EXIT_3: ResticVersion(0, 19, 0),
+    Feature.FORGET_FAILURE_EXIT_3: ResticVersion(0, 19, 0),
 }
+"""Changes in 0.19 with no entry: SIGINT exits 130 on every path (0.17-0.18 exited 1 from a
+backup; errors.py classifies both), and excludes (--exclude*, --one-file-system) no longer
+apply to the paths given on the command line (fa-restic passes none). Versions newer than the
+newest tested (0.19) are accepted and assumed to behave like it."""
 
 _VERSION_PATTERN = re.compile(r"restic (\d+)\.(\d+)\.(\d+)")
 

@@ -8,6 +8,7 @@ field has a default and unparseable lines are skipped.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -177,6 +178,17 @@ def parse_stderr_line(line: str) -> StderrMessage | None:
     except ValidationError:
         return None
     return None
+
+
+# Plain text on stderr, also with --json (every version): a backup source that is not there.
+# 0.14-0.18 then exit 0 when another source exists, 0.19 exits 3 (an incomplete snapshot).
+_MISSING_SOURCE = re.compile(r"^(?P<path>.+) does not exist, skipping$")
+
+
+def parse_missing_source(line: str) -> str | None:
+    """Returns the backup source path a `<path> does not exist, skipping` line names, or None."""
+    match = _MISSING_SOURCE.match(line.strip("\r\n"))
+    return match.group("path") if match is not None else None
 
 
 def parse_snapshots(output: str) -> list[Snapshot]:

@@ -1,4 +1,4 @@
-"""restic's failures classified from real captures of 0.14 and 0.18 (shared/restic/samples)."""
+"""restic's failures classified from real captures of 0.14, 0.18 and 0.19 (tests/samples)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,17 @@ LOCK_HOLDER_14 = (
     "on vm by root (UID 0, GID 0)"
 )
 LOCK_HOLDER_18 = LOCK_HOLDER_14.replace("9390", "9510")
+LOCK_HOLDER_19 = LOCK_HOLDER_14.replace("9390", "20477")
+REPO_MISSING_19 = (
+    "repository does not exist: unable to open config file: stat /srv/lab/nonexistent/config: "
+    "no such file or directory"
+)
+ALL_MISSING_19 = "all source directories/files do not exist"
+NO_SNAPSHOT_19 = 'failed to find snapshot: no matching ID found for prefix "deadbeef"'
+INVALID_ENV_19 = (
+    'invalid value for RESTIC_COMPRESSION "bogus": invalid compression mode "bogus", '
+    "must be one of (auto|off|fastest|better|max)"
+)
 
 
 @pytest.mark.parametrize(
@@ -93,6 +104,14 @@ LOCK_HOLDER_18 = LOCK_HOLDER_14.replace("9390", "9510")
             (ErrorKind.FATAL, "an empty password is not a password", 1),
         ),
         ("v14-retry-lock-flag", (ErrorKind.FATAL, "unknown flag: --retry-lock", 1)),
+        ("v19-err-locked-backup", (ErrorKind.LOCKED, LOCK_HOLDER_19, 11)),
+        ("v19-err-locked-snapshots", (ErrorKind.LOCKED, LOCK_HOLDER_19, 11)),
+        ("v19-err-repo-missing-backup", (ErrorKind.REPOSITORY_MISSING, REPO_MISSING_19, 10)),
+        ("v19-err-wrong-password", (ErrorKind.WRONG_PASSWORD, "wrong password or no key found")),
+        ("v19-err-backup-nonexistent-path-json", (ErrorKind.FATAL, ALL_MISSING_19, 1)),
+        ("v19-err-restore-nonexistent-snapshot-json", (ErrorKind.FATAL, NO_SNAPSHOT_19, 1)),
+        ("v19-cancel-SIGINT", (ErrorKind.INTERRUPTED, "unable to save snapshot: context canceled")),
+        ("v19-err-invalid-env-compression", (ErrorKind.FATAL, INVALID_ENV_19, 1)),
     ],
 )
 def test_classify_real_failures(sample: str, expected: tuple[object, ...]) -> None:

@@ -25,6 +25,9 @@ def test_parse_version_lines() -> None:
     assert parse_version("restic 0.18.0 compiled with go1.24.4 on linux/amd64") == ResticVersion(
         0, 18, 0
     )
+    assert parse_version("restic 0.19.1 compiled with go1.26.4 on linux/amd64") == ResticVersion(
+        0, 19, 1
+    )
     assert str(ResticVersion(0, 16, 4)) == "0.16.4"
     with pytest.raises(ValueError, match="not a restic version line"):
         parse_version("rest-server 0.13.0 compiled with go1.24.2")
@@ -32,7 +35,11 @@ def test_parse_version_lines() -> None:
 
 def test_versions_order_numerically() -> None:
     assert ResticVersion(0, 9, 6) < ResticVersion(0, 14, 0) < ResticVersion(0, 16, 0)
-    assert ResticVersion(0, 17, 3) < ResticVersion(0, 18, 0) < ResticVersion(1, 0, 0)
+    assert ResticVersion(0, 17, 3) < ResticVersion(0, 18, 0) < ResticVersion(0, 19, 1)
+    assert ResticVersion(0, 19, 1) < ResticVersion(0, 20, 0) < ResticVersion(1, 0, 0)
+
+
+SINCE_0_19 = {Feature.MISSING_SOURCE_EXIT_3, Feature.FORGET_FAILURE_EXIT_3}
 
 
 @pytest.mark.parametrize(
@@ -42,8 +49,12 @@ def test_versions_order_numerically() -> None:
         (ResticVersion(0, 15, 2), set()),
         (ResticVersion(0, 16, 0), {Feature.RESTORE_PROGRESS_JSON, Feature.RETRY_LOCK}),
         (ResticVersion(0, 16, 5), {Feature.RESTORE_PROGRESS_JSON, Feature.RETRY_LOCK}),
-        (ResticVersion(0, 17, 0), set(Feature)),
-        (ResticVersion(0, 18, 0), set(Feature)),
+        (ResticVersion(0, 17, 0), set(Feature) - SINCE_0_19),
+        (ResticVersion(0, 18, 0), set(Feature) - SINCE_0_19),
+        (ResticVersion(0, 18, 1), set(Feature) - SINCE_0_19),
+        (ResticVersion(0, 19, 0), set(Feature)),
+        (ResticVersion(0, 19, 1), set(Feature)),
+        (ResticVersion(0, 20, 0), set(Feature)),
     ],
 )
 def test_features_by_version(version: ResticVersion, expected: set[Feature]) -> None:
