@@ -101,6 +101,10 @@ class Metrics:
     def observe_duration(self, kind: str, seconds: float) -> None:
         self.durations.labels(kind).observe(seconds)
 
+    def jobs_cancelled(self, kind: str, count: int) -> None:
+        """Counts `count` jobs cancelled before they started (one call for a cancel-all)."""
+        self.finished.labels(kind, "cancel").inc(count)
+
     def job_finished(self, kind: str, record: JobRecord) -> None:
         self.finished.labels(kind, record.status.value).inc()
         if record.status.value != "success":

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fa_restic.store import Delete, Put, StateError, StateStore
+from fa_restic.store import Delete, Put, StateError, StateStore, Update
 from fa_restic.store import state as state_module
 
 
@@ -21,7 +21,7 @@ def path(tmp_path: Path) -> Path:
     return tmp_path / "state" / "state.json"
 
 
-def _written(path: Path, *batches: list[Put | Delete]) -> None:
+def _written(path: Path, *batches: list[Put | Update | Delete]) -> None:
     async def write() -> None:
         store = StateStore(path)
         store.load()
@@ -182,3 +182,20 @@ def test_replaying_a_journal_the_file_already_holds_changes_nothing(path: Path) 
     assert _reload(path) == {"backup": {}}
     journal.write_bytes(saved)
     assert _reload(path) == {"backup": {}}
+
+
+def test_an_update_changes_only_its_fields_and_survives_a_restart(path: Path) -> None:
+    _written(
+        path,
+        [Put("backup", "1", _record(1)), Put("backup", "2", _record(2))],
+        [
+            Update("backup", "1", {"status": "cancel", "extra": "cancelled by bob"}),
+            Update("backup", "9", {"status": "cancel"}),  # gone already: stays gone
+        ],
+    )
+    journal = path.with_name(path.name + ".journal").read_text(encoding="utf-8")
+    assert '"update":"backup"' in journal  # written as a change, not the whole record
+    records = _reload(path)["backup"]
+    assert records["1"] == {**_record(1), "status": "cancel", "extra": "cancelled by bob"}
+    assert records["2"] == _record(2)
+    assert "9" not in records
