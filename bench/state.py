@@ -40,7 +40,8 @@ from bench import (
     write_config,
     write_results,
 )
-from fa_restic.jobs.models import BackupRecord, JobStatus
+from fa_restic.jobs.models import BackupRecord
+from fa_restic.names import JobStatus
 from fa_restic.store.state import FORMAT, VERSION, StateStore
 
 SIZES = (1_000, 50_000)

@@ -4,27 +4,55 @@ never a user name, a path or an id."""
 from __future__ import annotations
 
 from collections import Counter as Tally
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from fa_restic.names import JobKind, JobStatus
+
 if TYPE_CHECKING:
     from prometheus_client.core import Metric
 
-    from fa_restic.jobs.models import JobRecord
-    from fa_restic.jobs.service import JobService
-
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class FinishedJob(Protocol):
+    """What the metrics read of a job that ended (a job record)."""
+
+    @property
+    def status(self) -> str: ...
+
+    @property
+    def total_size(self) -> int: ...
+
+    @property
+    def pack_size(self) -> int: ...
+
+    @property
+    def finished_at(self) -> datetime | None: ...
+
+
+@dataclass
+class JobCounts:
+    """The job layer's numbers at scrape time."""
+
+    statuses: dict[str, Tally[str]] = field(default_factory=dict)
+    """kind -> status -> how many records."""
+    pending: int = 0
+    running: int = 0
+    forgets: int = 0
 
 
 class _JobsCollector(Collector):
     """Jobs by kind and status, read from the records at scrape time (as GET sees them)."""
 
     def __init__(self) -> None:
-        self.service: JobService | None = None
+        self.read: Callable[[], JobCounts] | None = None
 
     def collect(self) -> Iterator[Metric]:
         family = GaugeMetricFamily(
@@ -35,16 +63,15 @@ class _JobsCollector(Collector):
         forgets = GaugeMetricFamily(
             "fa_restic_forget_queue", "Deleted backups whose snapshot is still to be forgotten."
         )
-        service = self.service
-        if service is not None:
-            for kind, records in (("backup", service.backups), ("restore", service.restores)):
-                tally = Tally(record.status.value for record in records.values())
-                for status in ("pending", "running", "success", "failed", "cancel"):
+        if self.read is not None:
+            counts = self.read()
+            for kind in JobKind:
+                tally = counts.statuses.get(kind, Tally())
+                for status in JobStatus:
                     family.add_metric([kind, status], tally.get(status, 0))
-            health = service.health()
-            queue.add_metric([], health.pending)
-            running.add_metric([], health.running)
-            forgets.add_metric([], len(service.forgets))
+            queue.add_metric([], counts.pending)
+            running.add_metric([], counts.running)
+            forgets.add_metric([], counts.forgets)
         yield from (family, queue, running, forgets)
 
 
@@ -94,9 +121,9 @@ class Metrics:
             registry=self.registry,
         )
 
-    def bind(self, service: JobService) -> None:
-        """Lets the scrape read job counts from `service`."""
-        self._jobs.service = service
+    def bind(self, read: Callable[[], JobCounts]) -> None:
+        """Lets the scrape read the job layer's counts."""
+        self._jobs.read = read
 
     def observe_duration(self, kind: str, seconds: float) -> None:
         self.durations.labels(kind).observe(seconds)
@@ -105,13 +132,13 @@ class Metrics:
         """Counts `count` jobs cancelled before they started (one call for a cancel-all)."""
         self.finished.labels(kind, "cancel").inc(count)
 
-    def job_finished(self, kind: str, record: JobRecord) -> None:
-        self.finished.labels(kind, record.status.value).inc()
-        if record.status.value != "success":
+    def job_finished(self, kind: str, record: FinishedJob) -> None:
+        self.finished.labels(kind, record.status).inc()
+        if record.status != JobStatus.SUCCESS:
             return
         if record.finished_at is not None:
             self.last_success.labels(kind).set(record.finished_at.timestamp())
-        if kind == "backup":
+        if kind == JobKind.BACKUP:
             self.bytes_backed_up.inc(record.total_size)
             self.bytes_added.inc(record.pack_size)
         else:

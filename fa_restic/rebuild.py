@@ -8,7 +8,8 @@ from datetime import UTC, datetime
 
 from fa_restic.api.auth import valid_username
 from fa_restic.config import Settings
-from fa_restic.jobs.models import BackupRecord, JobStatus
+from fa_restic.jobs.models import BackupRecord
+from fa_restic.names import JobStatus
 from fa_restic.restic.client import Restic
 from fa_restic.restic.messages import Snapshot
 from fa_restic.store import Put, StateError, StateStore

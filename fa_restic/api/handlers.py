@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +15,6 @@ from fa_restic.api.errors import (
     NOT_FOUND_CODE,
     ApiError,
     bad_request,
-    clip,
     envelope,
     forbidden,
     success,
@@ -37,11 +33,11 @@ from fa_restic.api.views import (
     restore_view,
 )
 from fa_restic.jobs.errors import JobError, UnknownJob
-from fa_restic.jobs.models import BackupRecord, JobKind, RestoreRecord
+from fa_restic.jobs.models import BackupRecord, RestoreRecord
 from fa_restic.jobs.service import Caller, JobService
 from fa_restic.metrics import CONTENT_TYPE
+from fa_restic.names import JobKind
 from fa_restic.restic.errors import ResticError
-from fa_restic.restic.redact import redact
 
 log = logging.getLogger("fa_restic.api")
 
@@ -55,18 +51,6 @@ DESTROY = "err when destroy repo"
 DELETE = "err when delete a backup"
 LOAD_BACKUP = "err when load backup"
 LOAD_RESTORE = "err when load restore"
-
-HEALTH_CACHE_SECONDS = 10.0
-HEALTH_TIMEOUT_SECONDS = 15.0
-
-
-@dataclass
-class _HealthCache:
-    checked_at: float = -HEALTH_CACHE_SECONDS
-    repository: str = "not checked yet"
-    """What an admin sees: restic's own text where it failed."""
-    public: str = "not checked yet"
-    """What anyone sees: no backend account, host or repository path (SPEC §9)."""
 
 
 def _as_is(text: str) -> str:
@@ -87,8 +71,6 @@ class Handlers:
         self.authenticator = authenticator
         self.data_root = data_root
         self.openapi = openapi
-        self._health = _HealthCache()
-        self._health_lock = asyncio.Lock()
         self.paths = PathResolver(data_root)
 
     def close(self) -> None:
@@ -101,7 +83,7 @@ class Handlers:
         return self.authenticator.authenticate(request.headers.get("Authorization"))
 
     def _redact(self, text: str) -> str:
-        return redact(text, self.service.restic.repository.url)
+        return self.service.restic.redact(text)
 
     def _show(self, caller: Caller) -> Callable[[str], str]:
         """Returns how `extra` is shown to `caller`: admins see restic's text as it is."""
@@ -263,30 +245,6 @@ class Handlers:
 
     # -- open routes -------------------------------------------------------------------
 
-    async def _repository_state(self) -> _HealthCache:
-        async with self._health_lock:
-            now = time.monotonic()
-            if now - self._health.checked_at < HEALTH_CACHE_SECONDS:
-                return self._health
-            public = None
-            if self.service.destroyed:
-                state = "destroyed; the next backup creates a new repository"
-            else:
-                try:
-                    exists = await asyncio.wait_for(
-                        self.service.restic.exists(), HEALTH_TIMEOUT_SECONDS
-                    )
-                    state = "ok" if exists else "not initialised; the next backup creates it"
-                except ResticError as error:
-                    state = error.message
-                    public = f"{error.kind.value}: {clip(self._redact(error.message))}"
-                except TimeoutError:
-                    state = "no answer from the repository within 15 s"
-            if state != self._health.repository and public is not None:
-                log.warning("healthz: repository not reachable: %s", state)
-            self._health = _HealthCache(time.monotonic(), state, public or state)
-            return self._health
-
     def _admin_or_none(self, request: web.Request) -> bool:
         """True if the request carries an admin token; healthz needs none and refuses none."""
         if "Authorization" not in request.headers:
@@ -298,12 +256,12 @@ class Handlers:
 
     async def healthz(self, request: web.Request) -> web.Response:
         health = self.service.health()
-        repository = await self._repository_state()
+        repository = await self.service.repository.health()
         return success(
             {
                 "restic_version": str(self.service.restic.version),
                 "repository": (
-                    repository.repository if self._admin_or_none(request) else repository.public
+                    repository.detail if self._admin_or_none(request) else repository.public
                 ),
                 "pending": health.pending,
                 "running": health.running,

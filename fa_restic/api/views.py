@@ -9,8 +9,7 @@ from typing import Annotated, Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
-from fa_restic.jobs.models import BackupRecord, JobRecord, Progress, RestoreRecord
-from fa_restic.jobs.service import rfc3339
+from fa_restic.jobs.models import BackupRecord, JobRecord, Progress, RestoreRecord, rfc3339
 
 MAX_ID = 2**63 - 1
 """The largest job id, in a body or in a URL (a signed 64-bit integer on the platform's side)."""

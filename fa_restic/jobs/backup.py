@@ -9,8 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fa_restic.jobs.models import Progress
+from fa_restic.jobs.ports import ResticRunner
 from fa_restic.restic import sandbox
-from fa_restic.restic.client import BackupResult, Restic
+from fa_restic.restic.client import BackupResult
 from fa_restic.restic.messages import BackupStatus
 from fa_restic.restic.sandbox import Confinement
 
@@ -95,7 +96,7 @@ def describe_incomplete(result: BackupResult) -> str:
 
 
 async def run_backup(
-    restic: Restic,
+    restic: ResticRunner,
     backup_id: int,
     source: Source,
     on_progress: ProgressHandler,

@@ -10,19 +10,27 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from fa_restic.jobs.models import ForgetRecord
+from fa_restic.jobs.ports import ResticRunner
+from fa_restic.jobs.records import (
+    UPKEEP_KEY,
+    Records,
+    forget_delete,
+    forget_put,
+    forgets_in,
+    meta_in,
+    meta_put,
+)
 from fa_restic.jobs.retry import retry_transient
 from fa_restic.jobs.scheduler import ExclusiveWork
-from fa_restic.restic.client import Restic
 from fa_restic.restic.errors import ErrorKind, ResticError
-from fa_restic.store import Delete, Operation, Put, StateStore
+from fa_restic.store import Collections, Operation, Put
 
 log = logging.getLogger("fa_restic.jobs")
 
 FAILURE_BACKOFF_SECONDS = (5.0, 30.0, 120.0, 600.0)
-STATE_KEY = "upkeep"
 
 Outcome = Literal["ok", "failed", "no-repository"]
 
@@ -59,26 +67,23 @@ class Upkeep:
     """
 
     def __init__(
-        self, restic: Restic, store: StateStore, lock_wait: float, prune_interval: float
+        self, restic: ResticRunner, records: Records, lock_wait: float, prune_interval: float
     ) -> None:
         self.restic = restic
-        self.store = store
+        self.records = records
         self.lock_wait = lock_wait
         self.prune_interval = prune_interval
         self.forgets: dict[str, ForgetRecord] = {}
         self.state = MaintenanceState()
 
-    def load(self, collections: dict[str, dict[str, dict[str, Any]]]) -> None:
-        """Takes the forget queue and prune wish from the state file's records."""
-        self.forgets = {
-            key: ForgetRecord.model_validate(value)
-            for key, value in collections.get("forget", {}).items()
-        }
-        saved = collections.get("meta", {}).get(STATE_KEY, {})
+    def load(self, collections: Collections) -> None:
+        """Takes the forget queue and prune wish from the store's records."""
+        self.forgets = forgets_in(collections)
+        saved = meta_in(collections, UPKEEP_KEY)
         self.state.prune_wanted = bool(saved.get("prune_wanted", False))
 
     def state_op(self) -> Put:
-        return Put("meta", STATE_KEY, {"prune_wanted": self.state.prune_wanted})
+        return meta_put(UPKEEP_KEY, {"prune_wanted": self.state.prune_wanted})
 
     def want_prune(self) -> Put:
         """Asks for a prune (interrupted backups leave unused data); returns the change."""
@@ -87,7 +92,8 @@ class Upkeep:
 
     @staticmethod
     def forget_op(forget: ForgetRecord) -> Put:
-        return Put("forget", forget.snapshot_id, forget.model_dump(mode="json"))
+        """Returns the change that queues `forget` durably."""
+        return forget_put(forget)
 
     def queue(self, forget: ForgetRecord) -> None:
         """Adds a forget, once its `forget_op` is on disk."""
@@ -96,7 +102,7 @@ class Upkeep:
 
     def clear(self) -> list[Operation]:
         """Drops every queued forget and the prune wish (the repository is gone)."""
-        operations: list[Operation] = [Delete("forget", key) for key in self.forgets]
+        operations: list[Operation] = [forget_delete(key) for key in self.forgets]
         self.forgets.clear()
         self.state.prune_wanted = False
         return [*operations, self.state_op()]
@@ -141,8 +147,8 @@ class Upkeep:
         if gone:
             for snapshot_id in gone:
                 del self.forgets[snapshot_id]
-            deletes: list[Operation] = [Delete("forget", key) for key in gone]
-            await self.store.write([*deletes, self.want_prune()])
+            deletes: list[Operation] = [forget_delete(key) for key in gone]
+            await self.records.write([*deletes, self.want_prune()])
             log.info("maintenance: forgot %d snapshots", len(gone))
         if outcome == "ok" and len(gone) < len(ids):
             self.state.failed(time.monotonic())
@@ -156,11 +162,11 @@ class Upkeep:
         if await self.guarded("prune", work) == "ok":
             self.state.prune_wanted = False
             self.state.last_prune = time.monotonic()
-            await self.store.write([self.state_op()])
+            await self.records.write([self.state_op()])
             log.info("maintenance: pruned in %.1fs", time.monotonic() - started)
 
 
-async def unlocking_stale(restic: Restic, work: Awaitable[None]) -> None:
+async def unlocking_stale(restic: ResticRunner, work: Awaitable[None]) -> None:
     """Awaits exclusive work; when a lock is in its way, removes the lock if it is stale.
 
     A restic that died without removing its lock (SIGKILL, or 0.14 on SIGTERM) blocks every
@@ -176,7 +182,9 @@ async def unlocking_stale(restic: Restic, work: Awaitable[None]) -> None:
         raise
 
 
-async def forget_snapshots(restic: Restic, snapshot_ids: list[str], lock_wait: float) -> list[str]:
+async def forget_snapshots(
+    restic: ResticRunner, snapshot_ids: list[str], lock_wait: float
+) -> list[str]:
     """Forgets snapshots and returns those that are really gone.
 
     restic's `forget` exits 0 even when it removed nothing (unknown id, an
@@ -193,7 +201,7 @@ async def forget_snapshots(restic: Restic, snapshot_ids: list[str], lock_wait: f
     return [snapshot_id for snapshot_id in snapshot_ids if snapshot_id not in remaining]
 
 
-async def prune(restic: Restic, lock_wait: float) -> None:
+async def prune(restic: ResticRunner, lock_wait: float) -> None:
     """Reclaims the space of forgotten snapshots and interrupted backups."""
 
     async def run() -> None:
@@ -227,7 +235,7 @@ class DestroyReport:
 
 
 async def destroy(
-    restic: Restic, local_path: Path | None, lock_wait: float, on_phase: Callable[[str], None]
+    restic: ResticRunner, local_path: Path | None, lock_wait: float, on_phase: Callable[[str], None]
 ) -> DestroyReport:
     """Removes a local repository folder, or forgets and prunes every snapshot of a remote one."""
     if local_path is not None:

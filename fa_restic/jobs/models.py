@@ -3,30 +3,10 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict
 
-
-class JobStatus(StrEnum):
-    PENDING = "pending"
-    RUNNING = "running"
-    SUCCESS = "success"
-    FAILED = "failed"
-    CANCEL = "cancel"
-
-    @property
-    def is_terminal(self) -> bool:
-        """True for success, failed and cancel: such a status never changes again."""
-        return self in TERMINAL_STATUSES
-
-    @property
-    def is_active(self) -> bool:
-        """True for pending and running."""
-        return not self.is_terminal
-
-
-TERMINAL_STATUSES = frozenset({JobStatus.SUCCESS, JobStatus.FAILED, JobStatus.CANCEL})
+from fa_restic.names import JobStatus
 
 STATUS_TO_NEXT: dict[JobStatus, frozenset[JobStatus]] = {
     # pending -> success: at start-up, a snapshot that a crashed attempt made is adopted.
@@ -47,13 +27,15 @@ class TransitionError(Exception):
     """A status change the state machine does not allow."""
 
 
-class JobKind(StrEnum):
-    BACKUP = "backup"
-    RESTORE = "restore"
-
-
 def utc_now() -> datetime:
     return datetime.now(UTC)
+
+
+def rfc3339(moment: datetime | None) -> str | None:
+    """Returns an RFC 3339 UTC time with a Z, or None."""
+    if moment is None:
+        return None
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 class Progress(BaseModel):

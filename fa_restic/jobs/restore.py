@@ -9,8 +9,9 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from fa_restic.jobs.models import Progress
+from fa_restic.jobs.ports import ResticRunner
 from fa_restic.jobs.staging import open_folder
-from fa_restic.restic.client import Restic, RestoreResult
+from fa_restic.restic.client import RestoreResult
 from fa_restic.restic.errors import ResticError
 from fa_restic.restic.features import Feature
 from fa_restic.restic.messages import RestoreStatus
@@ -53,7 +54,7 @@ def tree_bytes(root: Path) -> int:
 
 
 async def poll_progress(
-    restic: Restic, snapshot_id: str, target: Path, on_progress: ProgressHandler
+    restic: ResticRunner, snapshot_id: str, target: Path, on_progress: ProgressHandler
 ) -> None:
     """Reports restore progress from the bytes written under `target`, until cancelled.
 
@@ -83,7 +84,7 @@ async def poll_progress(
 
 
 async def run_restore(
-    restic: Restic,
+    restic: ResticRunner,
     snapshot_id: str,
     target: Path,
     on_progress: ProgressHandler,

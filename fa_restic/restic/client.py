@@ -34,6 +34,7 @@ from fa_restic.restic.messages import (
     parse_stats,
     parse_stderr_line,
 )
+from fa_restic.restic.redact import redact
 from fa_restic.restic.watch import StderrWatcher
 
 log = logging.getLogger("fa_restic.restic")
@@ -118,6 +119,10 @@ class Restic:
     def has(self, feature: Feature) -> bool:
         """Returns True when this restic has `feature`."""
         return has_feature(self.binary.version, feature)
+
+    def redact(self, text: str) -> str:
+        """Returns restic's `text` with the repository as `<repository>` and hosts as `<host>`."""
+        return redact(text, self.repository.url)
 
     async def _run(
         self,

@@ -15,9 +15,10 @@ from typing import Any
 
 from fa_restic.api.app import SERVICE_KEY
 from fa_restic.config import load_settings, parse_settings
-from fa_restic.jobs.models import BackupRecord, JobKind, JobStatus, utc_now
+from fa_restic.jobs.models import BackupRecord, utc_now
 from fa_restic.jobs.service import Caller, JobOptions, JobService
 from fa_restic.metrics import Metrics
+from fa_restic.names import JobKind, JobStatus
 from fa_restic.server import build_app
 from fa_restic.store import Put, StateStore
 from fa_restic.wiring import make_restic

@@ -222,9 +222,12 @@ def test_without_cap_sys_admin_it_refuses_to_start_unless_allowed(tmp_path: Path
     assert len(lines) == 1, refused.stderr
     assert "cannot be confined" in lines[0] and "Traceback" not in refused.stderr
 
-    allowed = config.read_text(encoding="utf-8").replace(
-        "[paths]\n", "[paths]\nallow_symlink_races = true\n", 1
+    allowed, changed = re.subn(
+        r"(?m)^allow_symlink_races = false",
+        "allow_symlink_races = true",
+        config.read_text(encoding="utf-8"),
     )
+    assert changed == 1, "config.example.toml no longer has `allow_symlink_races = false`"
     config.write_text(allowed, encoding="utf-8")
     port = int(re.findall(r"(?m)^port = (\d+)", allowed)[0])
     log_path = tmp_path / "allowed.log"

@@ -1,0 +1,118 @@
+"""Accepting jobs: ids in use, the per-user cap, and the durable record before the answer."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from fa_restic.jobs.errors import JobConflict, UnknownJob
+from fa_restic.jobs.models import BackupRecord, JobRecord, RestoreRecord, utc_now
+from fa_restic.jobs.records import Records, key_of
+from fa_restic.jobs.scheduler import Scheduler
+from fa_restic.names import JobStatus
+
+log = logging.getLogger("fa_restic.jobs")
+
+
+@dataclass(frozen=True)
+class Caller:
+    user: str
+    admin: bool = False
+
+    def may_see(self, record: JobRecord) -> bool:
+        return self.admin or record.user == self.user
+
+
+class Intake:
+    """Turns accepted requests into queued records; refuses what SPEC §5 and §9 refuse."""
+
+    def __init__(self, records: Records, scheduler: Scheduler, max_pending_per_user: int) -> None:
+        self.records = records
+        self.scheduler = scheduler
+        self.max_pending_per_user = max_pending_per_user
+        self._writing: dict[str, int] = {}
+        """Per user, jobs accepted but not yet queued (their record is being written)."""
+
+    async def backup(self, caller: Caller, backup_id: int, path: Path) -> BackupRecord:
+        """Records a backup durably and queues it; raises JobConflict, OSError."""
+        existing = self.records.backups.get(backup_id)
+        if existing is not None:
+            if existing.user != caller.user:  # ids are global; say nothing of another's job
+                raise JobConflict(f"backup id {backup_id} is in use")
+            if existing.status.is_active or existing.status is JobStatus.SUCCESS:
+                raise JobConflict(f"backup id {backup_id} is in use ({existing.status})")
+        self._refuse_too_many(caller)
+        record = BackupRecord(
+            id=backup_id,
+            user=caller.user,
+            path=str(path),
+            created_at=utc_now(),
+            sequence=self.records.next_sequence(),
+        )
+        await self._accept(record)
+        log.info("backup %d: accepted from %s for %s", backup_id, caller.user, path)
+        return record
+
+    async def restore(
+        self, caller: Caller, restore_id: int, backup_id: int, target: Path
+    ) -> RestoreRecord:
+        """Records a restore durably and queues it; raises UnknownJob, JobConflict, OSError."""
+        backup = self.records.backups.get(backup_id)
+        if backup is None or not caller.may_see(backup):
+            raise UnknownJob(f"no such backup [ {backup_id} ]")
+        if backup.status is not JobStatus.SUCCESS or backup.snapshot_id is None:
+            raise JobConflict(f"backup {backup_id} is {backup.status}, not success")
+        existing = self.records.restores.get(restore_id)
+        if existing is not None:
+            if existing.user != caller.user:  # ids are global; say nothing of another's job
+                raise JobConflict(f"restore id {restore_id} is in use")
+            if existing.status.is_active:
+                raise JobConflict(f"restore id {restore_id} is in use ({existing.status})")
+        self._refuse_too_many(caller)
+        record = RestoreRecord(
+            id=restore_id,
+            user=caller.user,
+            backup_id=backup_id,
+            dst_path=str(target),
+            snapshot_id=backup.snapshot_id,
+            created_at=utc_now(),
+            sequence=self.records.next_sequence(),
+        )
+        await self._accept(record)
+        log.info(
+            "restore %d: accepted from %s, backup %d into %s",
+            restore_id,
+            caller.user,
+            backup_id,
+            target,
+        )
+        return record
+
+    def _refuse_too_many(self, caller: Caller) -> None:
+        """Raises JobConflict when a non-admin caller has `max_pending_per_user` jobs
+        pending (backups and restores together, those being accepted included)."""
+        if caller.admin:
+            return
+        limit = self.max_pending_per_user
+        pending = self.scheduler.queued_of(caller.user) + self._writing.get(caller.user, 0)
+        if pending >= limit:
+            raise JobConflict(
+                f"too many pending jobs ({pending} of at most {limit}): "
+                "wait for some to start, or cancel some"
+            )
+
+    async def _accept(self, record: BackupRecord | RestoreRecord) -> None:
+        """Writes a new record and queues it, counted against its user's pending jobs
+        meanwhile; raises OSError (not written). `_refuse_too_many` comes first, with no
+        await in between, so concurrent POSTs cannot overshoot the cap."""
+        user = record.user
+        self._writing[user] = self._writing.get(user, 0) + 1
+        try:
+            await self.records.add(record)
+        finally:
+            if self._writing[user] == 1:
+                del self._writing[user]
+            else:
+                self._writing[user] -= 1
+        self.scheduler.enqueue(key_of(record), record.sequence, record.user)
