@@ -29,7 +29,7 @@ import aiohttp
 import jwt
 
 from fa_restic.config import ResticSettings
-from fa_restic.jobs.backup import snapshot_tags
+from fa_restic.names import snapshot_tags
 from fa_restic.restic.commands import Argv, Binary, backup_command, restore_command
 from fa_restic.restic.features import parse_version
 

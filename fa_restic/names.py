@@ -44,13 +44,13 @@ TERMINAL_STATUSES = frozenset({JobStatus.SUCCESS, JobStatus.FAILED, JobStatus.CA
 
 # -- the repository (SPEC §6) -----------------------------------------------------------------
 
-ID_TAG_PREFIX = "fa:id="
-USER_TAG_PREFIX = "fa:user="
+ID_TAG = "fa:id"
+USER_TAG = "fa:user"
 
 
 def snapshot_tags(backup_id: int, user: str) -> tuple[str, str]:
     """Returns the tags that let `restic snapshots --tag fa:id=N` find a backup."""
-    return (f"{ID_TAG_PREFIX}{backup_id}", f"{USER_TAG_PREFIX}{user}")
+    return (f"{ID_TAG}={backup_id}", f"{USER_TAG}={user}")
 
 
 # -- the homes (SPEC §4) ----------------------------------------------------------------------

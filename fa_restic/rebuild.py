@@ -9,7 +9,8 @@ from datetime import UTC, datetime
 from fa_restic.api.auth import valid_username
 from fa_restic.config import Settings
 from fa_restic.jobs.models import BackupRecord
-from fa_restic.names import JobStatus
+from fa_restic.jobs.records import FORGETS, RESTORES, put
+from fa_restic.names import ID_TAG, USER_TAG, JobStatus
 from fa_restic.restic.client import Restic
 from fa_restic.restic.messages import Snapshot
 from fa_restic.store import Put, StateError, StateStore
@@ -32,8 +33,8 @@ def _parse_time(text: str) -> datetime:
 
 async def record_of(restic: Restic, snapshot: Snapshot) -> BackupRecord | None:
     """Returns the success record a tagged snapshot stands for, or None if it is not ours."""
-    backup_id_text = snapshot.tag_value("fa:id")
-    user = snapshot.tag_value("fa:user")
+    backup_id_text = snapshot.tag_value(ID_TAG)
+    user = snapshot.tag_value(USER_TAG)
     if backup_id_text is None or not backup_id_text.isdigit() or not valid_username(user):
         return None
     assert user is not None
@@ -71,7 +72,7 @@ async def rebuild_state(settings: Settings) -> int:
     if path.exists() or journal.exists():
         try:
             old = StateStore(path).load()
-            kept = {name: old.get(name, {}) for name in ("restore", "forget")}
+            kept = {name: old.get(name, {}) for name in (RESTORES, FORGETS)}
         except StateError as error:
             log.warning("old state unreadable; restores and queued forgets not kept: %s", error)
         stamp = time.strftime("%Y%m%dT%H%M%S")
@@ -82,16 +83,14 @@ async def rebuild_state(settings: Settings) -> int:
     snapshots = await restic.snapshots()
     records: dict[int, BackupRecord] = {}
     for snapshot in sorted(snapshots, key=lambda snapshot: snapshot.time):
-        if snapshot.id in kept.get("forget", {}):
+        if snapshot.id in kept.get(FORGETS, {}):
             continue
         record = await record_of(restic, snapshot)
         if record is not None:
             records[record.id] = record  # the newest snapshot of an id wins
     store = StateStore(path)
     store.load()
-    operations = [
-        Put("backup", str(record.id), record.model_dump(mode="json")) for record in records.values()
-    ]
+    operations = [put(record) for record in records.values()]
     for name, values in kept.items():
         operations += [Put(name, key, value) for key, value in values.items()]
     await store.write(operations)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from fa_restic.jobs.models import Progress
 from fa_restic.jobs.ports import ResticRunner
+from fa_restic.names import snapshot_tags
 from fa_restic.restic import sandbox
 from fa_restic.restic.client import BackupResult
 from fa_restic.restic.messages import BackupStatus
@@ -17,11 +18,6 @@ from fa_restic.restic.sandbox import Confinement
 
 ProgressHandler = Callable[[Progress], None]
 StartHandler = Callable[[int], Awaitable[None]]
-
-
-def snapshot_tags(backup_id: int, user: str) -> tuple[str, str]:
-    """Returns the tags that let `restic snapshots --tag fa:id=N` find a backup."""
-    return (f"fa:id={backup_id}", f"fa:user={user}")
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ made it is answered.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from datetime import datetime
 from typing import Any
@@ -113,6 +114,13 @@ class Records:
 
     def with_status(self, status: JobStatus) -> list[JobRecord]:
         return [record for record in self.every() if record.status is status]
+
+    def status_counts(self) -> dict[str, Counter[str]]:
+        """Returns kind -> status -> how many records."""
+        return {
+            kind: Counter(record.status.value for record in self.of(kind).values())
+            for kind in JobKind
+        }
 
     def next_sequence(self) -> int:
         self._sequence += 1

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import Counter
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,17 +27,17 @@ from fa_restic.jobs.models import (
     JobRecord,
     Progress,
     RestoreRecord,
-    utc_now,
 )
 from fa_restic.jobs.ports import ResticRunner
 from fa_restic.jobs.records import Records, key_of
 from fa_restic.jobs.recovery import Settling, scrub
+from fa_restic.jobs.removal import Removal
 from fa_restic.jobs.repository import Repository, RepositoryState
 from fa_restic.jobs.scheduler import ExclusiveWork, Scheduler
 from fa_restic.metrics import JobCounts, Metrics
 from fa_restic.names import JobKind, JobStatus
 from fa_restic.restic.errors import ResticError
-from fa_restic.store import Collections, Operation, Store
+from fa_restic.store import Collections, Store
 
 log = logging.getLogger("fa_restic.jobs")
 
@@ -95,6 +94,14 @@ class JobService:
         self.scheduler = Scheduler(options.max_running, self.execution.run, self._maintenance)
         self.intake = Intake(self.records, self.scheduler, options.max_pending_per_user)
         self.canceller = Canceller(self.records, self.scheduler, self.execution, metrics)
+        self.removal = Removal(
+            self.records,
+            self.repository,
+            self.upkeep,
+            self.scheduler,
+            self.canceller,
+            options.local_repository,
+        )
         self.settling = Settling(
             self.records, restic, self.upkeep, self.scheduler.dequeue, metrics.job_finished
         )
@@ -250,25 +257,7 @@ class JobService:
         record = self.get_backup(caller, backup_id)
         if record.status.is_active:
             raise JobConflict(f"backup {backup_id} is {record.status}: cancel it first")
-        operations: list[Operation] = [self.records.delete(JobKind.BACKUP, backup_id)]
-        forget: ForgetRecord | None = None
-        if record.snapshot_id is not None:
-            forget = ForgetRecord(
-                snapshot_id=record.snapshot_id,
-                backup_id=backup_id,
-                user=record.user,
-                queued_at=utc_now(),
-            )
-            operations.append(self.upkeep.forget_op(forget))
-        await self.records.write(operations)
-        if self.records.backups.get(backup_id) is record:
-            del self.records.backups[backup_id]
-        if forget is not None:
-            self.upkeep.queue(forget)
-        queued = "; forget of its snapshot queued" if forget else ""
-        log.info("backup %d: deleted by %s%s", backup_id, caller.user, queued)
-        self.scheduler.wake()
-        return forget.snapshot_id if forget else None
+        return await self.removal.delete_backup(record, caller.user)
 
     async def destroy_repository(self, caller: Caller) -> dict[str, Any]:
         """Cancels every job, removes the repository's data, drops every backup record.
@@ -276,48 +265,7 @@ class JobService:
         Returns what was done; raises ResticError when a remote repository could not be emptied.
         """
         self._refuse_while_busy()
-        before, self.repository.state = self.repository.state, RepositoryState.DESTROYING
-        try:
-            everyone = Caller(caller.user, admin=True)
-            for kind in (JobKind.BACKUP, JobKind.RESTORE):
-                await self.cancel_all(everyone, kind)
-            report = await self._destroy()
-        except BaseException:
-            self.repository.state = before
-            raise
-        dropped = len(self.records.backups)
-        operations = [self.records.delete(JobKind.BACKUP, key) for key in self.records.backups]
-        self.records.backups.clear()
-        self.repository.state = RepositoryState.DESTROYED
-        await self.records.write([*operations, *self.upkeep.clear(), self.repository.op()])
-        log.warning(
-            "repository destroyed by %s: %s; %d backup records dropped",
-            caller.user,
-            report.method,
-            dropped,
-        )
-        return {
-            "destroyed": True,
-            "method": report.method,
-            "snapshots_removed": report.snapshots_removed,
-            "backup_records_dropped": dropped,
-        }
-
-    async def _destroy(self) -> maintenance.DestroyReport:
-        reports: list[maintenance.DestroyReport] = []
-
-        async def work() -> None:
-            reports.append(
-                await maintenance.destroy(
-                    self.restic,
-                    self.options.local_repository,
-                    self.options.lock_wait_seconds,
-                    lambda phase: log.info("destroy: %s", phase),
-                )
-            )
-
-        await self.scheduler.exclusive(ExclusiveWork("destroy", work))
-        return reports[0]
+        return await self.removal.destroy(caller.user)
 
     def health(self) -> Health:
         return Health(
@@ -329,13 +277,7 @@ class JobService:
     def _counts(self) -> JobCounts:
         health = self.health()
         return JobCounts(
-            statuses={
-                kind: Counter(record.status.value for record in self.records.of(kind).values())
-                for kind in JobKind
-            },
-            pending=health.pending,
-            running=health.running,
-            forgets=len(self.forgets),
+            self.records.status_counts(), health.pending, health.running, len(self.forgets)
         )
 
     def _maintenance(self) -> ExclusiveWork | None:

@@ -54,9 +54,10 @@ from collections.abc import Awaitable, Callable, Collection
 from pathlib import Path
 from typing import TypeVar
 
+from fa_restic.names import STAGING_FOLDER
+
 log = logging.getLogger("fa_restic.jobs")
 
-STAGING_FOLDER = ".fa-restic-staging"
 """Below the data root, next to `users/`: never inside a folder a user may write to."""
 _PREFIX = "restore-"
 _DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC

@@ -94,6 +94,22 @@ async def read_version(binary_path: str) -> ResticVersion:
     return version
 
 
+def _raise_if_crashed_or_refused(
+    completed: runner.Completed, crash: str | None, confined: bool
+) -> None:
+    """Raises ResticError for a Go panic, or for a confinement the sandbox refused."""
+    if completed.exit_code == EXIT_GO_CRASH and crash is not None:
+        raise ResticError(ErrorKind.FATAL, clean_line(f"restic crashed: {crash}"), EXIT_GO_CRASH)
+    last = completed.stderr_tail[-1] if completed.stderr_tail else ""
+    if (
+        confined
+        and completed.exit_code == sandbox.EXIT_REFUSED
+        and last.startswith(sandbox.MESSAGE_PREFIX)
+    ):
+        reason = last.removeprefix(sandbox.MESSAGE_PREFIX)
+        raise ResticError(ErrorKind.FATAL, clean_line(reason), sandbox.EXIT_REFUSED)
+
+
 class Restic:
     """One restic binary bound to one repository."""
 
@@ -182,18 +198,7 @@ class Restic:
             raise
         finally:
             watcher.close()
-        if completed.exit_code == EXIT_GO_CRASH and watcher.crash is not None:
-            raise ResticError(
-                ErrorKind.FATAL, clean_line(f"restic crashed: {watcher.crash}"), EXIT_GO_CRASH
-            )
-        refusal = completed.stderr_tail[-1] if completed.stderr_tail else ""
-        if (
-            confinement is not None
-            and completed.exit_code == sandbox.EXIT_REFUSED
-            and refusal.startswith(sandbox.MESSAGE_PREFIX)
-        ):
-            reason = refusal.removeprefix(sandbox.MESSAGE_PREFIX)
-            raise ResticError(ErrorKind.FATAL, clean_line(reason), sandbox.EXIT_REFUSED)
+        _raise_if_crashed_or_refused(completed, watcher.crash, confinement is not None)
         return completed
 
     async def remove_stale_locks(self) -> None:

@@ -135,6 +135,24 @@ class ResticProcess:
         return forced
 
 
+async def _spawn(
+    argv: Sequence[str], environment: Mapping[str, str], cwd: Path | None
+) -> asyncio.subprocess.Process:
+    """Starts restic without a shell, in its own session, dying with the service."""
+    log.debug("restic start: %s", " ".join(argv))
+    return await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=cwd,
+        env=child_environment(environment),
+        start_new_session=True,
+        preexec_fn=_die_with_parent(os.getpid()),
+        limit=LINE_LIMIT,
+    )
+
+
 async def run(
     argv: Sequence[str],
     environment: Mapping[str, str],
@@ -154,18 +172,7 @@ async def run(
     `after_forced_stop` runs first (to remove the lock it left). Raises OSError if
     restic cannot be started.
     """
-    log.debug("restic start: %s", " ".join(argv))
-    process = await asyncio.create_subprocess_exec(
-        *argv,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        cwd=cwd,
-        env=child_environment(environment),
-        start_new_session=True,
-        preexec_fn=_die_with_parent(os.getpid()),
-        limit=LINE_LIMIT,
-    )
+    process = await _spawn(argv, environment, cwd)
     handle = ResticProcess(process, grace_seconds)
     assert process.stdout is not None and process.stderr is not None
     tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
