@@ -51,6 +51,16 @@ TEXT_TO_KIND: tuple[tuple[str, ErrorKind], ...] = (
     ("repository does not exist", ErrorKind.REPOSITORY_MISSING),
 )
 
+# Lines restic prints while it runs, watched by fa_restic.restic.watch:
+GO_CRASH_PREFIXES = ("panic: ", "fatal error: ")
+"""A Go panic or fatal runtime error: its reason comes first, then a long stack."""
+RETRYING = "returned error, retrying after"
+"""restic's retry layer: `Save(<data/1b29>) returned error, retrying after 552ms: ...`."""
+RECOVERED = "operation successful after"
+"""...and once a retry works: `Save(<data/1b29>) operation successful after 3 retries`."""
+GAVE_UP = re.compile(r"^[A-Z][A-Za-z]*\(<[^>]*>[^)]*\) failed: ")
+"""restic's retry layer giving up (0.17+): `Save(<data/1b29541841>) failed: ...`."""
+
 MESSAGE_LIMIT = 400
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
@@ -97,7 +107,8 @@ def classify(exit_code: int, stderr_tail: Iterable[str]) -> ResticError:
             exit_error = message
             break
     text = exit_error.message if exit_error else "\n".join(_ANSI.sub("", line) for line in lines)
-    kind = _kind_from_text(text) or EXIT_CODE_TO_KIND.get(exit_code) or ErrorKind.FATAL
+    # restic's exit code says what happened (>= 0.17); its text only where the code does not.
+    kind = EXIT_CODE_TO_KIND.get(exit_code) or _kind_from_text(text) or ErrorKind.FATAL
     if exit_error is not None:
         summary = _first_line(exit_error.message)
     else:

@@ -10,30 +10,29 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from collections.abc import Callable
 from typing import Any
 
-from fa_restic.restic.errors import ErrorKind, ResticError, classify, clean_line
+from fa_restic.restic.errors import (
+    GAVE_UP,
+    GO_CRASH_PREFIXES,
+    RECOVERED,
+    RETRYING,
+    ErrorKind,
+    ResticError,
+    classify,
+    clean_line,
+)
 from fa_restic.restic.messages import ExitError, parse_stderr_line
 
 log = logging.getLogger("fa_restic.restic")
-
-GO_CRASH_PREFIXES = ("panic: ", "fatal error: ")
-# restic's retry layer (both versions): "Save(<data/1b29>) returned error, retrying after
-# 552ms: ..." and, once a retry works, "Save(<data/1b29>) operation successful after 3 retries".
-RETRYING = "returned error, retrying after"
-RECOVERED = "operation successful after"
-# restic's retry layer giving up on a backend operation: `Save(<data/1b29541841>) failed: ...`
-# (0.17+; "returned error, retrying after" lines are not final).
-_GAVE_UP = re.compile(r"^[A-Z][A-Za-z]*\(<[^>]*>[^)]*\) failed: ")
 
 LineHandler = Callable[[str], None]
 
 
 def is_final_line(line: str) -> bool:
     """True for a stderr line after which restic only cleans up and exits."""
-    if _GAVE_UP.match(line) or "Fatal: " in line:
+    if GAVE_UP.match(line) or "Fatal: " in line:
         return True
     return isinstance(parse_stderr_line(line), ExitError)
 
