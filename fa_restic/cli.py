@@ -26,13 +26,11 @@ from typing import Any, TextIO
 
 import aiohttp
 
-API_PREFIX = "/fa/api/v0"
+from fa_restic.names import API_PREFIX, MAX_ID, SUCCESS_CODE, TERMINAL_STATUSES, JobKind, JobStatus
+
 DEFAULT_URL = "http://127.0.0.1:8080"
 URL_ENV = "FA_RESTIC_URL"
 TOKEN_ENV = "FA_RESTIC_TOKEN"  # noqa: S105 - the variable's name, not a token
-SUCCESS_CODE = 2001
-KINDS = ("backup", "restore")
-TERMINAL = frozenset({"success", "failed", "cancel"})
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -45,7 +43,6 @@ REQUEST_TIMEOUT_SECONDS = 30.0
 # While waiting, how long the service may be unreachable (a restart) before giving up.
 RECONNECT_SECONDS = 60.0
 BAR_WIDTH = 20
-MAX_ID = 2**63  # ids are below this (the API's bound)
 
 # argparse's type of `add_subparsers()`; it has no public name.
 SubParsers = argparse._SubParsersAction
@@ -69,7 +66,7 @@ class ApiFailure(Exception):
 
 def _positive_id(text: str) -> int:
     """argparse type: a positive integer id."""
-    if not text.isascii() or not text.isdigit() or not 0 < int(text) < MAX_ID:
+    if not text.isascii() or not text.isdigit() or not 0 < int(text) <= MAX_ID:
         raise argparse.ArgumentTypeError(f"must be a positive integer, not {text!r}")
     return int(text)
 
@@ -106,19 +103,19 @@ def add_client_commands(commands: SubParsers[argparse.ArgumentParser]) -> None:
     restore.set_defaults(run=_restore)
 
     status = commands.add_parser("status", parents=[common], help="show a backup or restore")
-    status.add_argument("kind", choices=KINDS)
+    status.add_argument("kind", choices=list(JobKind))
     status.add_argument("id", type=_positive_id)
     status.set_defaults(run=_status)
 
     cancel = commands.add_parser("cancel", parents=[common], help="cancel a backup or restore")
-    cancel.add_argument("kind", choices=KINDS)
+    cancel.add_argument("kind", choices=list(JobKind))
     cancel.add_argument("id", type=_positive_id)
     cancel.set_defaults(run=_cancel)
 
     cancel_all = commands.add_parser(
         "cancel-all", parents=[common], help="cancel all your pending/running backups or restores"
     )
-    cancel_all.add_argument("kind", choices=KINDS)
+    cancel_all.add_argument("kind", choices=list(JobKind))
     cancel_all.set_defaults(run=_cancel_all)
 
     delete = commands.add_parser(
@@ -264,7 +261,7 @@ def human_duration(seconds: int | None) -> str:
 def describe_progress(kind: str, job_id: int, data: dict[str, Any], *, bar_width: int = 0) -> str:
     """Returns one line: status, percent, bytes done/total, ETA, and a bar if `bar_width`."""
     status = str(data.get("status", "?"))
-    if status == "pending":
+    if status == JobStatus.PENDING:
         return f"{kind} {job_id}: pending (waiting for a free slot)"
     progress = data.get("progress") or {}
     fraction = min(max(float(progress.get("percent_done") or 0.0), 0.0), 1.0)
@@ -283,7 +280,7 @@ def describe_end(kind: str, job_id: int, data: dict[str, Any]) -> str:
     """Returns the final line: status, sizes and restic's reason if any."""
     stat = data.get("stat") or {}
     total = human_bytes(int(stat.get("total_size") or 0))
-    if kind == "backup":
+    if kind == JobKind.BACKUP:
         sizes = f"{total} processed, {human_bytes(int(stat.get('pack_size') or 0))} added"
     else:
         sizes = f"{total} restored"
@@ -369,7 +366,7 @@ async def wait_for(client: Client, kind: str, job_id: int, report: ProgressRepor
             await asyncio.sleep(1.0)
             continue
         answered_at = time.monotonic()
-        if data.get("status") in TERMINAL:
+        if data.get("status") in TERMINAL_STATUSES:
             report.finish(data)
             return data
         report.update(data)
@@ -386,7 +383,7 @@ async def _start_and_maybe_wait(
     report = ProgressReport(kind, job_id, sys.stderr, live=sys.stderr.isatty())
     data = await wait_for(client, kind, job_id, report)
     _print_json(data)
-    return EXIT_OK if data.get("status") == "success" else EXIT_FAILED
+    return EXIT_OK if data.get("status") == JobStatus.SUCCESS else EXIT_FAILED
 
 
 def _interrupted(kind: str, job_id: int) -> str:
@@ -404,8 +401,10 @@ def _backup(arguments: argparse.Namespace) -> int:
     body = {"id": arguments.id, "path": arguments.path}
     return _run(
         arguments,
-        lambda client: _start_and_maybe_wait(client, "backup", arguments.id, body, arguments.wait),
-        _interrupted("backup", arguments.id),
+        lambda client: _start_and_maybe_wait(
+            client, JobKind.BACKUP, arguments.id, body, arguments.wait
+        ),
+        _interrupted(JobKind.BACKUP, arguments.id),
     )
 
 
@@ -413,8 +412,10 @@ def _restore(arguments: argparse.Namespace) -> int:
     body = {"restore_id": arguments.id, "backup_id": arguments.backup_id, "dst_path": arguments.dst}
     return _run(
         arguments,
-        lambda client: _start_and_maybe_wait(client, "restore", arguments.id, body, arguments.wait),
-        _interrupted("restore", arguments.id),
+        lambda client: _start_and_maybe_wait(
+            client, JobKind.RESTORE, arguments.id, body, arguments.wait
+        ),
+        _interrupted(JobKind.RESTORE, arguments.id),
     )
 
 

@@ -1,18 +1,14 @@
-"""Errors that carry their HTTP answer, and the one middleware that turns every
-failure into the envelope `{"code", "message", "data"}`."""
+"""Answers other than success, and the envelope `{"code", "message", "data"}` every route
+answers with. The route middleware (api.middleware) turns failures into these."""
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from aiohttp import web
-from aiohttp.typedefs import Handler
 
-log = logging.getLogger("fa_restic.api")
+from fa_restic.names import SUCCESS_CODE
 
-SUCCESS_CODE = 2001
-NOT_FOUND_CODE = 4001
 ECHO_LIMIT = 200
 """The most characters of user input an answer repeats (SPEC §9)."""
 MESSAGE_LIMIT = 600
@@ -38,8 +34,9 @@ class ApiError(Exception):
         self.message = message
 
 
-def bad_request(prefix: str, reason: str) -> ApiError:
-    return ApiError(400, 400, f"{prefix}: {reason}")
+class RequestRefused(ValueError):
+    """A request that is not what its route takes (its body, the id in its URL); the message
+    is the reason, which the middleware puts after the route's prefix (a 400)."""
 
 
 def unauthorized(reason: str) -> ApiError:
@@ -57,27 +54,3 @@ def envelope(code: int, message: str, data: Any, http_status: int = 200) -> web.
 
 def success(data: Any) -> web.Response:
     return envelope(SUCCESS_CODE, "success", data)
-
-
-_HTTP_TEXT = {404: "not found", 405: "method not allowed", 413: "request body too large"}
-
-
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Maps ApiError, aiohttp's HTTP errors and anything unexpected onto the envelope."""
-    try:
-        return await handler(request)
-    except ApiError as error:
-        return envelope(error.code, error.message, None, error.http_status)
-    except web.HTTPException as error:
-        if error.status < 400:
-            raise
-        text = _HTTP_TEXT.get(error.status, error.reason.lower())
-        response = envelope(error.status, text, None, error.status)
-        # A 405 must say which methods the resource has (RFC 9110 §15.5.6).
-        if "Allow" in error.headers:
-            response.headers["Allow"] = error.headers["Allow"]
-        return response
-    except Exception:
-        log.exception("unexpected failure on %s %s", request.method, request.path)
-        return envelope(500, "internal error", None, 500)

@@ -8,12 +8,10 @@ envelope `{"code", "message", "data"}` (SPEC §5); each operation documents its 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from fa_restic.api.views import MAX_ID, BackupRequest, CancelRequest, RestoreRequest
-
-if TYPE_CHECKING:
-    from fa_restic.api.app import Route
+from fa_restic.api.routes import ROUTES, Auth, Route
+from fa_restic.names import API_PREFIX, MAX_ID, JobStatus
 
 ENVELOPE_REF = "#/components/schemas/Envelope"
 
@@ -31,7 +29,7 @@ _PROGRESS = {
     },
 }
 _JOB_COMMON = {
-    "status": {"type": "string", "enum": ["pending", "running", "success", "failed", "cancel"]},
+    "status": {"type": "string", "enum": [status.value for status in JobStatus]},
     "stat": {
         "type": "object",
         "properties": {
@@ -115,71 +113,39 @@ SCHEMAS: dict[str, Any] = {
         },
         "required": ["restic_version", "repository", "pending", "running"],
     },
-    "BackupRequest": BackupRequest.model_json_schema(),
-    "RestoreRequest": RestoreRequest.model_json_schema(),
-    "CancelRequest": CancelRequest.model_json_schema(),
+    # The request bodies, as the route table names them.
+    **{route.body.__name__: route.body.model_json_schema() for route in ROUTES if route.body},
 }
 
-_HANDLER_TO_BODY = {
-    "post_backup": "BackupRequest",
-    "post_restore": "RestoreRequest",
-    "cancel_backup": "CancelRequest",
-    "cancel_restore": "CancelRequest",
-}
-_HANDLER_TO_DATA: dict[str, list[str]] = {
-    "post_backup": ["Backup"],
-    "get_backup": ["Backup"],
-    "delete_backup": ["Deleted"],
-    "cancel_backup": ["Backup"],
-    "cancel_all_backups": ["Cancelled"],
-    "destroy_repository": ["DestroyReport"],
-    "repository_destroyed": ["Destroyed"],
-    "post_restore": ["Restore"],
-    "get_restore": ["Restore"],
-    "cancel_restore": ["Restore"],
-    "cancel_all_restores": ["Cancelled"],
-    "healthz": ["Health"],
-}
-# Routes whose 200 may also be 4001 (unknown or not-yours id, data null).
-_MAY_BE_UNKNOWN = {"get_backup", "get_restore"}
-# Handlers that are not the envelope on success.
-_RAW = {"metrics", "openapi_document"}
 
-
-def _envelope(description: str, data: list[str] | None = None) -> dict[str, Any]:
-    """Returns a response whose body is the envelope; `data` names the success schemas."""
+def _envelope(description: str, data: str | None = None) -> dict[str, Any]:
+    """Returns a response whose body is the envelope; `data` names the success schema."""
     schema: dict[str, Any] = {"$ref": ENVELOPE_REF}
     if data:
-        choices: list[dict[str, Any]] = [{"$ref": f"#/components/schemas/{name}"} for name in data]
-        choices.append({"type": "null"})
+        choices = [{"$ref": f"#/components/schemas/{data}"}, {"type": "null"}]
         schema = {"allOf": [schema, {"properties": {"data": {"anyOf": choices}}}]}
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
 def _responses(route: Route) -> dict[str, Any]:
     responses: dict[str, Any] = {}
-    if route.handler == "metrics":
+    if route.raw is not None:
         responses["200"] = {
-            "description": "Prometheus text exposition",
-            "content": {"text/plain": {"schema": {"type": "string"}}},
-        }
-    elif route.handler == "openapi_document":
-        responses["200"] = {
-            "description": "this document",
-            "content": {"application/json": {"schema": {"type": "object"}}},
+            "description": route.raw.description,
+            "content": {route.raw.content_type: {"schema": {"type": route.raw.schema_type}}},
         }
     else:
         success = "success (code 2001)"
-        if route.handler in _MAY_BE_UNKNOWN:
+        if route.unknown_id_answers_4001:
             success += ", or code 4001 with data null for an unknown (or not-yours) id"
-        responses["200"] = _envelope(success, _HANDLER_TO_DATA.get(route.handler))
-    if route.authenticated:
+        responses["200"] = _envelope(success, route.data)
+    if route.auth is not Auth.NONE:
         responses["400"] = _envelope(
             "invalid request: bad JSON, missing or wrong-typed field, id not a positive "
             "integer, path outside the home or missing, id in use, wrong job state"
         )
         responses["401"] = _envelope("missing, malformed, expired or badly signed token")
-        if route.handler == "destroy_repository":
+        if route.auth is Auth.ADMIN:
             responses["403"] = _envelope("not an admin token")
     responses["default"] = _envelope(
         "any other error (405 wrong method, 413 body too large, 500): short text, data null"
@@ -188,28 +154,27 @@ def _responses(route: Route) -> dict[str, Any]:
 
 
 def _operation(route: Route) -> dict[str, Any]:
-    alias = route.path.endswith("/new")
     operation: dict[str, Any] = {
-        "operationId": route.handler + ("_alias" if alias else ""),
+        "operationId": route.name,
         "summary": route.summary,
-        "tags": [route.path.removeprefix("/fa/api/v0/").split("/")[0]],
+        "tags": [route.path.removeprefix(f"{API_PREFIX}/").split("/")[0]],
         "responses": _responses(route),
     }
-    if alias:
-        operation["description"] = f"The same as {route.path.removesuffix('/new')}."
-    if "{id}" in route.path:
+    if route.alias_of:
+        operation["description"] = f"The same as {route.alias_of}."
+    if route.takes_id:
         operation["parameters"] = [{"name": "id", "in": "path", "required": True, "schema": _ID}]
-    body = _HANDLER_TO_BODY.get(route.handler)
-    if body is not None:
+    if route.body is not None:
+        schema = {"$ref": f"#/components/schemas/{route.body.__name__}"}
         operation["requestBody"] = {
             "required": True,
-            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{body}"}}},
+            "content": {"application/json": {"schema": schema}},
         }
-    operation["security"] = [{"bearer": []}] if route.authenticated else []
+    operation["security"] = [] if route.auth is Auth.NONE else [{"bearer": []}]
     return operation
 
 
-def build_document(routes: Iterable[Route]) -> dict[str, Any]:
+def build_document(routes: Iterable[Route] = ROUTES) -> dict[str, Any]:
     """Returns the OpenAPI 3.1 document of `routes`."""
     paths: dict[str, dict[str, Any]] = {}
     for route in routes:

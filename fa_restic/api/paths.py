@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fa_restic.api.errors import clip
+from fa_restic.names import home_of
 
 MAX_PATH_BYTES = 4096
 """Linux's PATH_MAX: a longer path cannot name a file anyway (SPEC §9)."""
@@ -40,10 +41,6 @@ def check_limits(given: str, field: str = "path") -> None:
         raise PathRefused(
             f"{field} has a name of {longest} bytes (at most {MAX_NAME_BYTES} a name)"
         )
-
-
-def home_of(data_root: Path, user: str) -> Path:
-    return data_root / "users" / user
 
 
 def resolve_in_home(

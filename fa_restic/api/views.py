@@ -9,41 +9,43 @@ from typing import Annotated, Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
+from fa_restic.api.errors import RequestRefused
 from fa_restic.jobs.models import BackupRecord, JobRecord, Progress, RestoreRecord, rfc3339
+from fa_restic.names import MAX_ID
 
-MAX_ID = 2**63 - 1
-"""The largest job id, in a body or in a URL (a signed 64-bit integer on the platform's side)."""
 JobId = Annotated[StrictInt, Field(gt=0, le=MAX_ID)]
 
 
-class _Request(BaseModel):
+class RequestBody(BaseModel):
+    """A route's JSON body (routes.Route.body)."""
+
     # The platform may send more fields than we use; they are ignored, not refused.
     model_config = ConfigDict(extra="ignore")
 
 
-class BackupRequest(_Request):
+class BackupRequest(RequestBody):
     id: JobId
     path: StrictStr
 
 
-class RestoreRequest(_Request):
+class RestoreRequest(RequestBody):
     restore_id: JobId
     backup_id: JobId
     dst_path: StrictStr
 
 
-class CancelRequest(_Request):
+class CancelRequest(RequestBody):
     id: JobId
 
 
-Model = TypeVar("Model", bound=_Request)
+Model = TypeVar("Model", bound=RequestBody)
 
 MAX_JSON_DEPTH = 100
 """Deeper bodies are refused (SPEC §9); none of ours is deeper than 1."""
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
-class BodyRefused(ValueError):
+class BodyRefused(RequestRefused):
     """A body that is not JSON text this service reads; the message is the reason."""
 
 
@@ -91,6 +93,16 @@ def load_body(raw: bytes) -> Any:
     return value
 
 
+def parse_body(raw: bytes, model: type[Model]) -> Model:
+    """Returns the body as `model`; raises BodyRefused (load_body's reasons, or the first
+    field that does not fit, as `field: reason`)."""
+    data = load_body(raw)
+    try:
+        return model.model_validate(data)
+    except ValidationError as error:
+        raise BodyRefused(describe_validation(error)) from None
+
+
 def describe_validation(error: ValidationError) -> str:
     """Returns the first problem as `field: reason`."""
     first = error.errors()[0]
@@ -115,22 +127,12 @@ def parse_id(text: str) -> int | None:
     return value if 0 < value <= MAX_ID else None
 
 
-def _progress(progress: Progress) -> dict[str, Any]:
-    return progress.model_dump()
-
-
-def _shown(text: str) -> str:
-    return text
-
-
-def _common(
-    record: JobRecord, progress: Progress, show: Callable[[str], str] = _shown
-) -> dict[str, Any]:
+def _common(record: JobRecord, progress: Progress, show: Callable[[str], str]) -> dict[str, Any]:
     return {
         "status": record.status.value,
         "stat": {"total_size": record.total_size, "pack_size": record.pack_size},
         "extra": show(record.extra),
-        "progress": _progress(progress),
+        "progress": progress.model_dump(),
         "created_at": rfc3339(record.created_at),
         "started_at": rfc3339(record.started_at),
         "finished_at": rfc3339(record.finished_at),
@@ -138,7 +140,7 @@ def _common(
 
 
 def backup_view(
-    record: BackupRecord, progress: Progress, show: Callable[[str], str] = _shown
+    record: BackupRecord, progress: Progress, show: Callable[[str], str]
 ) -> dict[str, Any]:
     """Returns what GET shows of a backup; `show` is applied to `extra` (redaction)."""
     return {
@@ -150,7 +152,7 @@ def backup_view(
 
 
 def restore_view(
-    record: RestoreRecord, progress: Progress, show: Callable[[str], str] = _shown
+    record: RestoreRecord, progress: Progress, show: Callable[[str], str]
 ) -> dict[str, Any]:
     """Returns what GET shows of a restore; `show` is applied to `extra` (redaction)."""
     return {

@@ -11,8 +11,8 @@ import pytest
 from openapi_spec_validator import validate
 from openapi_spec_validator.versions.shortcuts import get_spec_version
 
-from fa_restic.api.app import ROUTES
 from fa_restic.api.openapi import ENVELOPE_REF, build_document
+from fa_restic.api.routes import ROUTES
 from tests.conftest import Api
 from tests.helpers import API, auth
 

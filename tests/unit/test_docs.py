@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from fa_restic.api.app import ROUTES, Route
+from fa_restic.api.routes import ROUTES, Route
 from fa_restic.config import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
