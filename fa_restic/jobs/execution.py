@@ -6,10 +6,10 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from fa_restic.jobs.backup import Source, run_backup
 from fa_restic.jobs.models import BackupRecord, JobRecord, Progress, RestoreRecord
@@ -59,6 +59,23 @@ class JobResult:
     snapshot_id: str | None = None
 
 
+async def to_the_end(ending: Coroutine[Any, Any, None]) -> None:
+    """Runs a job's ending (its record written, its lock removed) to its end, even when the
+    job's task is cancelled meanwhile: whoever cancelled it (a cancel, a stop, a destroy)
+    waits for the task and must find the record final. The cancel is raised afterwards.
+    """
+    work = asyncio.ensure_future(ending)
+    cancelled = False
+    while not work.done():
+        try:
+            await asyncio.shield(work)
+        except asyncio.CancelledError:
+            cancelled = cancelled or not work.done()
+    work.result()  # raises what the ending raised
+    if cancelled:
+        raise asyncio.CancelledError
+
+
 class Execution:
     """Runs jobs for the scheduler (`run`), and knows their live progress and stops.
 
@@ -102,10 +119,10 @@ class Execution:
             else:
                 result = await self._restore(key, record)
         except asyncio.CancelledError:
-            await asyncio.shield(self._interrupted(key, record))
+            await to_the_end(self._interrupted(key, record))
             return
         except (ResticError, OSError, Refused, ValueError) as error:
-            await asyncio.shield(self._failed(key, record, error))
+            await to_the_end(self._failed(key, record, error))
             return
         finally:
             self.metrics.observe_duration(key[0], time.monotonic() - started)
@@ -113,7 +130,7 @@ class Execution:
         record.file_count = result.file_count
         if isinstance(record, BackupRecord):
             record.snapshot_id = result.snapshot_id
-        await asyncio.shield(self.end(key, record, JobStatus.SUCCESS, result.extra))
+        await to_the_end(self.end(key, record, JobStatus.SUCCESS, result.extra))
 
     def progress_of(self, key: JobKey, record: JobRecord) -> Progress:
         """Returns live progress of a running job, or what its status implies."""
