@@ -22,6 +22,14 @@ class JobKind(StrEnum):
     RESTORE = "restore"
 
 
+class Overwrite(StrEnum):
+    """What a restore does with a file that already exists in dst (SPEC §11)."""
+
+    ALWAYS = "always"
+    IF_NEWER = "if-newer"
+    NEVER = "never"
+
+
 class JobStatus(StrEnum):
     PENDING = "pending"
     RUNNING = "running"

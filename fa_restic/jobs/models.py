@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 
 from pydantic import BaseModel, ConfigDict
 
-from fa_restic.names import JobStatus
+from fa_restic.names import JobStatus, Overwrite
 
 STATUS_TO_NEXT: dict[JobStatus, frozenset[JobStatus]] = {
     # pending -> success: at start-up, a snapshot that a crashed attempt made is adopted.
@@ -102,6 +102,8 @@ class BackupRecord(JobRecord):
     snapshot_id: str | None = None
     unsettled: bool = False
     """An attempt was cut short by a crash and may have left a snapshot: look before running."""
+    exclude: list[str] = []
+    """restic --exclude patterns, relative to what is backed up (SPEC §11)."""
 
 
 class RestoreRecord(JobRecord):
@@ -109,6 +111,9 @@ class RestoreRecord(JobRecord):
     dst_path: str
     snapshot_id: str
     """The snapshot restored, copied from the backup so a later delete cannot change it."""
+    include: list[str] = []
+    """Entries to restore, relative to what was backed up; empty: everything (SPEC §11)."""
+    overwrite: Overwrite = Overwrite.ALWAYS
 
 
 class ForgetRecord(BaseModel):

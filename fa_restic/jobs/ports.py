@@ -63,8 +63,9 @@ class ResticRunner(Protocol):
         *,
         on_status: Callable[[RestoreStatus], None] | None = None,
         on_start: StartHandler | None = None,
+        confinement: Confinement | None = None,
     ) -> RestoreResult:
-        """Restores a snapshot's tree into `target`."""
+        """Restores a snapshot's tree into `target` (as seen inside `confinement`, if given)."""
         ...
 
     async def snapshots(

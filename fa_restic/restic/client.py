@@ -305,8 +305,13 @@ class Restic:
         *,
         on_status: RestoreStatusHandler | None = None,
         on_start: runner.StartHandler | None = None,
+        confinement: sandbox.Confinement | None = None,
     ) -> RestoreResult:
-        """Restores a snapshot's tree into `target`; returns what was restored or raises."""
+        """Restores a snapshot's tree into `target`; returns what was restored or raises.
+
+        With `confinement`, restic runs in it (fa_restic.restic.sandbox): `target` is then
+        a path as the confined restic sees it.
+        """
         summary: RestoreSummary | None = None
         last_status: RestoreStatus | None = None
 
@@ -324,6 +329,7 @@ class Restic:
             commands.restore_command(self.binary, snapshot_id, target),
             on_stdout=on_stdout,
             on_start=on_start,
+            confinement=confinement,
         )
         if completed.exit_code != 0:
             raise classify(completed.exit_code, completed.stderr_tail)

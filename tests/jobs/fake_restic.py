@@ -287,6 +287,7 @@ class FakeRestic:
         *,
         on_status: Callable[[RestoreStatus], None] | None = None,
         on_start: StartHandler | None = None,
+        confinement: Confinement | None = None,
     ) -> RestoreResult:
         self._begin(Call("restore", (snapshot_id, target)))
         self.running.add("restore")
