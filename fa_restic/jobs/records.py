@@ -115,6 +115,32 @@ class Records:
     def with_status(self, status: JobStatus) -> list[JobRecord]:
         return [record for record in self.every() if record.status is status]
 
+    def page(
+        self,
+        kind: str,
+        *,
+        user: str | None = None,
+        status: JobStatus | None = None,
+        after: int | None = None,
+        limit: int = 100,
+    ) -> tuple[list[JobRecord], int | None]:
+        """Returns up to `limit` records of `kind` (of `user`, with `status`, if given) with
+        an id below `after`, newest id first; and the `after` of the next page (None at the end).
+        """
+        chosen = sorted(
+            (
+                record
+                for record in self.of(kind).values()
+                if (user is None or record.user == user)
+                and (status is None or record.status is status)
+                and (after is None or record.id < after)
+            ),
+            key=lambda record: record.id,
+            reverse=True,
+        )
+        items: list[JobRecord] = list(chosen[:limit])
+        return items, (items[-1].id if len(chosen) > limit else None)
+
     def status_counts(self) -> dict[str, Counter[str]]:
         """Returns kind -> status -> how many records."""
         return {
