@@ -18,6 +18,20 @@ How: this file is also a small program, run in place of the command
 4. changes into the requested folder of the home by that path (a symlink on the way
    fails here, with ELOOP) and executes the command, which keeps this process's pid.
 
+A writable confinement (a restore straight into dst) shows less: only the requested
+folder, reached from the home by an O_NOFOLLOW walk (a symlink anywhere on the way
+refuses), is bind-mounted, writable and `nosymfollow`, at its real path; the rest of the
+home is not there. restic, as root, can then write nothing but that folder's tree: a
+symlink planted or swapped in (before restic starts or while it writes, at any depth)
+fails with ELOOP where restic would follow it, and restic >= 0.17 replaces it. One thing a
+mount cannot stop: restic < 0.17 writes into an existing file in place, so a hard link
+to a file elsewhere on the same file system would be written through (the restore job
+uses this mode with such a restic only where the home is a file system of its own).
+
+Tested by tests/unit/test_sandbox.py (what a confined command sees) and
+tests/integration/test_symlink_races.py, test_restore_safety.py and
+test_restore_direct.py (attacks with the real restic).
+
 It exits with EXIT_REFUSED and one `fa-restic sandbox:` line on stderr when it cannot.
 """
 
@@ -61,6 +75,7 @@ class Confinement:
     folder: str = ""
     """The folder to run in, relative to the home ("" for the home itself)."""
     writable: bool = False
+    """Writable: only `folder` is mounted (its tree is all the command sees of the home)."""
 
     @property
     def home(self) -> str:
@@ -113,6 +128,61 @@ def _mount(
     )
 
 
+_DIRECTORY = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _open_below(home: int, folder: str) -> int:
+    """Returns a descriptor of `folder` (relative to the open `home`), walked without symlinks.
+
+    Raises Refused when a part is a symlink, a file, missing, or not a plain name.
+    """
+    parts = [part for part in folder.split("/") if part]
+    if any(part in (".", "..") for part in parts):
+        raise Refused(f"{folder!r} is not a plain path below the home")
+    current = os.dup(home)
+    try:
+        for part in parts:
+            following = os.open(part, _DIRECTORY, dir_fd=current)
+            os.close(current)
+            current = following
+    except OSError as error:
+        os.close(current)
+        if error.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise Refused(
+                f"{folder!r} has a symlink in it now (changed after it was checked)"
+            ) from None
+        raise Refused(f"cannot open {folder!r}: {error.strerror}") from None
+    return current
+
+
+def _show(libc: ctypes.CDLL, confinement: Confinement) -> None:
+    """Covers the homes with an empty tmpfs and mounts what the command may see."""
+    # Opened inside the namespace: a bind mount's source must be one of its mounts.
+    try:
+        users = os.open(confinement.users_root, _DIRECTORY)
+        home = os.open(confinement.user, _DIRECTORY, dir_fd=users)
+    except OSError as error:
+        raise Refused(f"cannot open the home: {error.strerror}") from None
+    try:
+        shown, where = home, confinement.home
+        if confinement.writable:
+            shown, where = _open_below(home, confinement.folder), confinement.working_folder
+        hidden = _MS_NOSUID | _MS_NODEV | _MS_NOEXEC
+        _mount(libc, "fa-restic", confinement.users_root, "tmpfs", hidden, "mode=0700,size=64k")
+        # The folders above the mount point are the tmpfs's: root's, private, empty.
+        os.makedirs(where, 0o700)
+        _mount(libc, f"/proc/self/fd/{shown}", where, None, _MS_BIND)
+        flags = _MS_BIND | _MS_REMOUNT | _MS_NOSYMFOLLOW | _MS_NOSUID | _MS_NODEV
+        if not confinement.writable:
+            flags |= _MS_RDONLY
+        _mount(libc, None, where, None, flags)
+    finally:
+        os.close(home)
+        os.close(users)
+        if confinement.writable and shown != home:
+            os.close(shown)
+
+
 def enter(confinement: Confinement) -> str:
     """Sets up the namespace and changes into the working folder; returns its path.
 
@@ -121,23 +191,7 @@ def enter(confinement: Confinement) -> str:
     libc = _libc()
     _call(libc.unshare(_CLONE_NEWNS), "cannot make a private mount namespace")
     _mount(libc, None, "/", None, _MS_REC | _MS_PRIVATE)
-    # Opened inside the namespace: a bind mount's source must be one of its mounts.
-    directory = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-    try:
-        users = os.open(confinement.users_root, directory)
-        home = os.open(confinement.user, directory, dir_fd=users)
-    except OSError as error:
-        raise Refused(f"cannot open the home: {error.strerror}") from None
-    hidden = _MS_NOSUID | _MS_NODEV | _MS_NOEXEC
-    _mount(libc, "fa-restic", confinement.users_root, "tmpfs", hidden, "mode=0700,size=64k")
-    os.mkdir(confinement.home, 0o700)
-    _mount(libc, f"/proc/self/fd/{home}", confinement.home, None, _MS_BIND)
-    flags = _MS_BIND | _MS_REMOUNT | _MS_NOSYMFOLLOW | _MS_NOSUID | _MS_NODEV
-    if not confinement.writable:
-        flags |= _MS_RDONLY
-    _mount(libc, None, confinement.home, None, flags)
-    os.close(home)
-    os.close(users)
+    _show(libc, confinement)
     target = confinement.working_folder
     try:
         os.chdir(target)

@@ -107,3 +107,37 @@ def test_is_folder_walks_without_following(users: Path) -> None:
             sandbox.is_folder(root, "bob", swapped)
     with pytest.raises(FileNotFoundError):
         sandbox.is_folder(root, "bob", "race0/gone")
+
+
+# -- the writable mode: a restore straight into one folder ---------------------------------
+
+
+def test_writable_shows_only_the_folder_at_its_real_path(users: Path) -> None:
+    (users / "bob" / "race0" / "deep" / "old").write_text("old\n", encoding="utf-8")
+    script = "pwd; ls -A; ls -A ..; ls -A ../..; echo new > made; cat ../mine"
+    done = confined(users, ["/bin/sh", "-c", script], "race0/deep", writable=True)
+    lines = done.stdout.splitlines()
+    assert lines[0] == str(users / "bob" / "race0" / "deep")
+    assert lines[1:4] == ["old", "deep", "race0"]  # above it: empty folders of a private tmpfs
+    assert "bob's" not in done.stdout and "No such file" in done.stderr
+    assert (users / "bob" / "race0" / "deep" / "made").read_text(encoding="utf-8") == "new\n"
+    assert sorted(os.listdir(users)) == ["alice", "bob"]
+
+
+def test_writable_never_writes_through_a_symlink_in_the_folder(users: Path) -> None:
+    deep = users / "bob" / "race0" / "deep"
+    (deep / "to-alice").symlink_to(users / "alice")
+    (deep / "secret").symlink_to(users / "alice" / "secret")
+    script = "echo x > to-alice/planted; echo x > secret; mkdir -p to-alice/d"
+    done = confined(users, ["/bin/sh", "-c", script], "race0/deep", writable=True)
+    assert done.stderr.count("Too many levels of symbolic links") >= 2, done.stderr
+    assert sorted(os.listdir(users / "alice")) == ["secret"]
+    assert (users / "alice" / "secret").read_text(encoding="utf-8") == "alice's\n"
+
+
+@pytest.mark.parametrize("folder", ["to-alice", "to-etc/ssh", "race0/relative", "race0/../.."])
+def test_writable_refuses_a_folder_reached_through_a_symlink(users: Path, folder: str) -> None:
+    done = confined(users, ["/bin/touch", "x"], folder, writable=True)
+    assert done.returncode == sandbox.EXIT_REFUSED, done.stderr
+    assert done.stderr.startswith(sandbox.MESSAGE_PREFIX)
+    assert not (users / "alice" / "x").exists() and not Path("/etc/ssh/x").exists()
