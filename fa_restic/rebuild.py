@@ -5,11 +5,12 @@ from __future__ import annotations
 import logging
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 
 from fa_restic.api.auth import valid_username
 from fa_restic.config import Settings
 from fa_restic.jobs.models import BackupRecord
-from fa_restic.jobs.records import FORGETS, RESTORES, put
+from fa_restic.jobs.records import FORGETS, LAYOUT, RESTORES, put
 from fa_restic.names import ID_TAG, USER_TAG, JobStatus
 from fa_restic.restic.client import Restic
 from fa_restic.restic.messages import Snapshot
@@ -58,6 +59,26 @@ async def record_of(restic: Restic, snapshot: Snapshot) -> BackupRecord | None:
     )
 
 
+def _readable_records(path: Path) -> dict[str, dict[str, dict[str, object]]]:
+    """Returns the restore records and queued forgets of an old state (none if unreadable)."""
+    old = StateStore(path, LAYOUT)
+    try:
+        old.load()
+        kept: dict[str, dict[str, dict[str, object]]] = {}
+        for name in (RESTORES, FORGETS):
+            kept[name] = {}
+            for key in old.keys(name):
+                value = old.read(name, key)
+                if value is not None:
+                    kept[name][key] = value
+        return kept
+    except StateError as error:
+        log.warning("old state unreadable; restores and queued forgets not kept: %s", error)
+        return {}
+    finally:
+        old.close()
+
+
 async def rebuild_state(settings: Settings) -> int:
     """Writes a state file with one success record per tagged snapshot; returns the exit code.
 
@@ -67,16 +88,14 @@ async def rebuild_state(settings: Settings) -> int:
     """
     restic = await make_restic(settings)
     path = settings.paths.state_file
-    journal = path.with_name(path.name + ".journal")
     kept: dict[str, dict[str, dict[str, object]]] = {}
-    if path.exists() or journal.exists():
-        try:
-            old = StateStore(path).load()
-            kept = {name: old.get(name, {}) for name in (RESTORES, FORGETS)}
-        except StateError as error:
-            log.warning("old state unreadable; restores and queued forgets not kept: %s", error)
+    # The journal, its turned pieces (.journal.N) and the index go with the file.
+    old_files = sorted(path.parent.glob(path.name + ".*")) if path.parent.exists() else []
+    old_files = [found for found in old_files if ".before-rebuild-" not in found.name]
+    if path.exists() or old_files:
+        kept = _readable_records(path)
         stamp = time.strftime("%Y%m%dT%H%M%S")
-        for old_file in (path, journal):
+        for old_file in [path, *old_files]:
             if old_file.exists():
                 old_file.rename(old_file.with_name(f"{old_file.name}.before-rebuild-{stamp}"))
                 log.warning("moved %s aside", old_file)
@@ -88,7 +107,7 @@ async def rebuild_state(settings: Settings) -> int:
         record = await record_of(restic, snapshot)
         if record is not None:
             records[record.id] = record  # the newest snapshot of an id wins
-    store = StateStore(path)
+    store = StateStore(path, LAYOUT)
     store.load()
     operations = [put(record) for record in records.values()]
     for name, values in kept.items():

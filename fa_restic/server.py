@@ -14,6 +14,7 @@ from aiohttp import web
 from fa_restic.api.app import make_app
 from fa_restic.api.auth import Authenticator
 from fa_restic.config import Settings
+from fa_restic.jobs.records import LAYOUT
 from fa_restic.jobs.service import JobOptions, JobService
 from fa_restic.metrics import Metrics
 from fa_restic.store import StateStore
@@ -31,7 +32,7 @@ async def build_app(settings: Settings) -> web.Application:
     Raises ResticError if restic is unusable, StateError if the state file is unreadable.
     """
     # The state first: a file that cannot be read stops the start before anything else.
-    store = StateStore(settings.paths.state_file)
+    store = StateStore(settings.paths.state_file, LAYOUT)
     collections = await asyncio.to_thread(store.load)
     restic = await make_restic(settings)
     confined = await asyncio.to_thread(backups_confined, settings)
@@ -45,6 +46,7 @@ async def build_app(settings: Settings) -> web.Application:
         local_repository=local_repository_path(settings),
         data_root=settings.paths.data_root,
         confine_backups=confined,
+        browse_cache_bytes=settings.restic.browse_cache_bytes,
     )
     service = JobService(options, store, restic, Metrics(str(restic.version)))
     service.load(collections)

@@ -14,7 +14,7 @@ from typing import Any
 
 from fa_restic.jobs.models import BackupRecord, ForgetRecord, JobRecord, RestoreRecord, rfc3339
 from fa_restic.names import JobKind, JobStatus
-from fa_restic.store import Collections, Delete, Operation, Put, Store, Update
+from fa_restic.store import Clear, Collections, Delete, Layout, Operation, Put, Store, Update
 
 BACKUPS = "backup"
 RESTORES = "restore"
@@ -26,6 +26,22 @@ UPKEEP_KEY = "upkeep"
 
 JobKey = tuple[str, int]
 """(kind, id) of a backup or restore."""
+
+
+def _is_live(value: dict[str, Any]) -> bool:
+    """True for a record that may still change: pending, running, or with an attempt to settle."""
+    return value.get("status") in _ACTIVE or bool(value.get("unsettled"))
+
+
+_ACTIVE = frozenset({JobStatus.PENDING.value, JobStatus.RUNNING.value})
+
+LAYOUT = Layout(
+    indexed=frozenset({BACKUPS, RESTORES}),
+    owner_field="user",
+    label_field="status",
+    is_live=_is_live,
+)
+"""How the store keeps job records: finished ones on disk, listed by user and by status."""
 
 
 def key_of(record: JobRecord) -> JobKey:
@@ -81,7 +97,12 @@ def meta_in(collections: Collections, key: str) -> dict[str, Any]:
 
 
 class Records:
-    """Every backup and restore record, and the store that keeps them."""
+    """The backup and restore records, and the store that keeps them.
+
+    `backups` and `restores` hold the live records (pending, running, or still to be
+    settled) as objects the job layer changes; a finished record leaves them once written
+    and is read from the store when asked for (a year of records is a million).
+    """
 
     def __init__(self, store: Store) -> None:
         self.store = store
@@ -90,7 +111,7 @@ class Records:
         self._sequence = 0
 
     def load(self, collections: Collections) -> None:
-        """Takes the records read from the store."""
+        """Takes the live records read from the store (Store.load)."""
         self.backups = {
             int(key): BackupRecord.model_validate(value)
             for key, value in collections.get(BACKUPS, {}).items()
@@ -102,17 +123,39 @@ class Records:
         self._sequence = max((record.sequence for record in self.every()), default=0)
 
     def of(self, kind: str) -> dict[int, BackupRecord] | dict[int, RestoreRecord]:
+        """Returns the live records of `kind`."""
         return self.backups if kind == JobKind.BACKUP else self.restores
 
     def get(self, key: JobKey) -> BackupRecord | RestoreRecord | None:
+        """Returns the record, live or finished, or None."""
         kind, job_id = key
-        return self.backups.get(job_id) if kind == JobKind.BACKUP else self.restores.get(job_id)
+        live = self.of(kind).get(job_id)
+        if live is not None:
+            return live
+        value = self.store.read(kind, str(job_id))
+        if value is None:
+            return None
+        return _model(kind, value)
+
+    def backup(self, backup_id: int) -> BackupRecord | None:
+        """Returns the backup record, live or finished, or None."""
+        record = self.get((JobKind.BACKUP, backup_id))
+        assert record is None or isinstance(record, BackupRecord)
+        return record
+
+    def restore(self, restore_id: int) -> RestoreRecord | None:
+        """Returns the restore record, live or finished, or None."""
+        record = self.get((JobKind.RESTORE, restore_id))
+        assert record is None or isinstance(record, RestoreRecord)
+        return record
 
     def every(self) -> Iterator[JobRecord]:
+        """Yields every live record."""
         yield from self.backups.values()
         yield from self.restores.values()
 
     def with_status(self, status: JobStatus) -> list[JobRecord]:
+        """Returns the live records with `status` (pending or running)."""
         return [record for record in self.every() if record.status is status]
 
     def page(
@@ -126,27 +169,26 @@ class Records:
     ) -> tuple[list[JobRecord], int | None]:
         """Returns up to `limit` records of `kind` (of `user`, with `status`, if given) with
         an id below `after`, newest id first; and the `after` of the next page (None at the end).
+
+        Through the store's indexes: the cost is the page's, whatever the number of records.
         """
-        chosen = sorted(
-            (
-                record
-                for record in self.of(kind).values()
-                if (user is None or record.user == user)
-                and (status is None or record.status is status)
-                and (after is None or record.id < after)
-            ),
-            key=lambda record: record.id,
-            reverse=True,
+        values = self.store.page(
+            kind,
+            owner=user,
+            label=None if status is None else status.value,
+            before=after,
+            limit=limit + 1,
         )
-        items: list[JobRecord] = list(chosen[:limit])
-        return items, (items[-1].id if len(chosen) > limit else None)
+        live = self.of(kind)
+        items: list[JobRecord] = []
+        for value in values[:limit]:
+            record = live.get(value["id"])
+            items.append(record if record is not None else _model(kind, value))
+        return items, (items[-1].id if len(values) > limit else None)
 
     def status_counts(self) -> dict[str, Counter[str]]:
         """Returns kind -> status -> how many records."""
-        return {
-            kind: Counter(record.status.value for record in self.of(kind).values())
-            for kind in JobKind
-        }
+        return {kind: Counter(self.store.counts(kind)) for kind in JobKind}
 
     def next_sequence(self) -> int:
         self._sequence += 1
@@ -154,11 +196,13 @@ class Records:
 
     async def write(self, operations: Iterable[Operation]) -> None:
         """Persists changes; raises OSError if they could not be written."""
-        await self.store.write(operations)
+        batch = list(operations)
+        await self.store.write(batch)
+        self._retire(batch)
 
     async def save(self, record: JobRecord, *more: Operation) -> None:
         """Persists a record whole, with other changes in the same batch."""
-        await self.store.write([put(record), *more])
+        await self.write([put(record), *more])
 
     async def add(self, record: BackupRecord | RestoreRecord) -> None:
         """Adds a record and writes it; raises OSError, with the old record back, if it fails."""
@@ -174,6 +218,29 @@ class Records:
                 records[record.id] = previous
             raise
 
+    def _retire(self, batch: Iterable[Operation]) -> None:
+        """Lets go of live records the batch finished (the store has them now)."""
+        for operation in batch:
+            if operation.collection not in (BACKUPS, RESTORES) or isinstance(operation, Clear):
+                continue
+            records: dict[int, Any] = self.of(operation.collection)
+            record = records.get(int(operation.key))
+            if record is not None and not _is_live(
+                {"status": record.status.value, "unsettled": getattr(record, "unsettled", False)}
+            ):
+                del records[record.id]
+
     @staticmethod
     def delete(kind: str, job_id: int) -> Delete:
         return Delete(kind, str(job_id))
+
+    def clear(self, kind: str) -> Clear:
+        """Returns the change that drops every record of `kind` (and drops the live ones)."""
+        self.of(kind).clear()
+        return Clear(kind)
+
+
+def _model(kind: str, value: dict[str, Any]) -> BackupRecord | RestoreRecord:
+    if kind == JobKind.BACKUP:
+        return BackupRecord.model_validate(value)
+    return RestoreRecord.model_validate(value)

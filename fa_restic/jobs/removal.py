@@ -83,12 +83,10 @@ class Removal:
         except BaseException:
             self.repository.state = before
             raise
-        backups = self.records.backups
-        dropped = len(backups)
-        operations = [self.records.delete(JobKind.BACKUP, key) for key in backups]
-        backups.clear()
+        dropped = sum(self.records.status_counts()[JobKind.BACKUP].values())
+        clear = self.records.clear(JobKind.BACKUP)
         self.repository.state = RepositoryState.DESTROYED
-        await self.records.write([*operations, *self.upkeep.clear(), self.repository.op()])
+        await self.records.write([clear, *self.upkeep.clear(), self.repository.op()])
         log.warning(
             "repository destroyed by %s: %s; %d backup records dropped",
             by,

@@ -1,23 +1,28 @@
 """The state: job records kept durable, atomic and readable by an operator."""
 
-from fa_restic.store.protocol import Store
-from fa_restic.store.state import (
+from fa_restic.store.operations import (
+    Clear,
     Collections,
     Delete,
+    Layout,
     Operation,
     Put,
-    StateError,
-    StateStore,
     Update,
+    Value,
 )
+from fa_restic.store.protocol import Store
+from fa_restic.store.state import StateError, StateStore
 
 __all__ = [
+    "Clear",
     "Collections",
     "Delete",
+    "Layout",
     "Operation",
     "Put",
     "StateError",
     "StateStore",
     "Store",
     "Update",
+    "Value",
 ]

@@ -1,249 +1,578 @@
-"""A JSON state file plus an append-only journal.
+"""The embedded store: a state file of JSON lines, an index of it, and a journal.
 
-Every change is one journal line (a batch of puts and deletes), appended and
-fsynced before the caller goes on, so a write costs the same with 10 or 50,000
-records. Now and then the journal is folded into the JSON file (write a temporary
-file, fsync, rename, fsync the folder) and emptied; replaying a journal line
-that the JSON file already holds changes nothing, so a crash between the two
-steps loses nothing. All file work runs on one writer thread, off the event loop.
+In the state file's folder (every file mode 0600):
+
+- `state.json`: a line naming the format, then one line per record,
+  `{"c": collection, "k": key, "v": record}`: finished records first, in the order they
+  were folded in, then the records that still change (pending and running jobs, meta).
+- `state.json.index`: where each finished record's line is, and its owner and status
+  (fa_restic.store.index); rebuilt from `state.json` when missing or stale.
+- `state.json.journal`: every change since, one line per batch, appended and fsynced
+  before the caller goes on, so a write costs the same with a thousand records or a million.
+- `state.json.journal.N`: journals being folded into the next `state.json`.
+
+Finished records are not kept in memory (a million of them would be gigabytes): the index
+says where they are and they are read when asked for. Records finished since the last
+compaction are kept encoded until it.
+
+Compaction runs in the background once the journal or the finished records held in memory
+pass a size: the journal is renamed `journal.N` (between two writes) and a new one begins;
+a thread writes the new state file (the finished records' lines copied from the old one
+by the kernel) and its index, fsyncs them and renames them into place; then `journal.N` is
+removed. Writes go on meanwhile. A reader replays the state file, then every `journal.N`,
+then the journal: replaying changes the state file already holds changes nothing, so a
+crash at any point loses no acknowledged write.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
-from collections.abc import Iterable, Mapping
+import secrets
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import orjson
+
+from fa_restic.store import compaction
+from fa_restic.store.files import dumps, fsync_folder, make_folders, open_private, write_all
+from fa_restic.store.index import ColdIndex, Fresh, load_indexes
+from fa_restic.store.operations import (
+    Clear,
+    Collections,
+    Delete,
+    Layout,
+    Operation,
+    Put,
+    Update,
+    Value,
+    decode,
+    encode,
+)
 
 log = logging.getLogger("fa_restic.store")
 
 FORMAT = "fa-restic-state"
-VERSION = 1
-MIN_COMPACTION_LINES = 1000
-FILE_MODE = 0o600
-"""The state file, its journal and their temporary files: the records name users and paths."""
-FOLDER_MODE = 0o700
-"""A folder the store makes for them."""
-
-Value = dict[str, Any]
-Collections = dict[str, dict[str, Value]]
+VERSION = 2
+MIN_JOURNAL_BYTES = 1 << 20
+"""Compaction starts once the journal passes this, or the state file's size if larger."""
+RECENT_BYTES = 32 << 20
+"""... or once the finished records held in memory pass this."""
 
 
 class StateError(Exception):
     """The state file or its journal cannot be read; the message names the file."""
 
 
-@dataclass(frozen=True)
-class Put:
+@dataclass
+class _Undo:
     collection: str
     key: str
-    value: Value
-
-
-@dataclass(frozen=True)
-class Update:
-    """Changes some fields of a record that exists (a missing one stays missing)."""
-
-    collection: str
-    key: str
-    fields: Value
-
-
-@dataclass(frozen=True)
-class Delete:
-    collection: str
-    key: str
-
-
-Operation = Put | Update | Delete
-
-
-def _encode(operation: Operation) -> dict[str, Any]:
-    if isinstance(operation, Put):
-        return {"put": operation.collection, "key": operation.key, "value": operation.value}
-    if isinstance(operation, Update):
-        return {"update": operation.collection, "key": operation.key, "fields": operation.fields}
-    return {"delete": operation.collection, "key": operation.key}
-
-
-def _apply(collections: Collections, entry: Mapping[str, Any]) -> None:
-    for operation in entry["ops"]:
-        if "put" in operation:
-            collections.setdefault(operation["put"], {})[operation["key"]] = operation["value"]
-        elif "update" in operation:
-            record = collections.get(operation["update"], {}).get(operation["key"])
-            if record is not None:
-                record.update(operation["fields"])
-        else:
-            collections.get(operation["delete"], {}).pop(operation["key"], None)
-
-
-def _dumps(document: Any) -> bytes:
-    """Returns compact JSON; orjson is several times faster than json on records."""
-    try:
-        return orjson.dumps(document)
-    except TypeError:  # e.g. a lone surrogate, which orjson refuses: json escapes it
-        return json.dumps(document, separators=(",", ":")).encode("utf-8")
-
-
-def _open_private(path: Path) -> int:
-    """Returns a descriptor of `path` opened for writing, emptied, mode FILE_MODE.
-
-    The mode is set on the open file too: a file left by an older version (0644) is
-    tightened, whatever the umask.
-    """
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE)
-    try:
-        os.fchmod(descriptor, FILE_MODE)
-    except OSError:
-        os.close(descriptor)
-        raise
-    return descriptor
-
-
-def _make_folders(folder: Path) -> None:
-    """Creates `folder` and its missing parents, each mode FOLDER_MODE (Path.mkdir gives
-    parents the default mode); a folder that exists is left as it is."""
-    missing: list[Path] = []
-    while not folder.exists():
-        missing.append(folder)
-        if folder.parent == folder:
-            break
-        folder = folder.parent
-    for made in reversed(missing):
-        try:
-            made.mkdir(mode=FOLDER_MODE)
-        except FileExistsError:
-            continue
-
-
-def _fsync_folder(folder: Path) -> None:
-    descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
+    previous: Value | None = None
+    cleared: tuple[Any, ...] | None = None
 
 
 class StateStore:
     """The records of every collection, persisted; `load` first, then `write`."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, layout: Layout | None = None) -> None:
         self.path = path
+        self.layout = layout or Layout()
         self.journal_path = path.with_name(path.name + ".journal")
-        self._collections: Collections = {}
-        self._journal: Any = None
-        self._journal_lines = 0
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="state-writer")
+        self.index_path = path.with_name(path.name + ".index")
+        self._hot: Collections = {}
+        self._recent: dict[str, dict[int, bytes]] = {}
+        self._recent_bytes = 0
+        self._cold: dict[str, ColdIndex] = {}
+        self._gone: dict[str, set[int]] = {}
+        self._fresh: dict[str, Fresh] = {}
+        self._counts: dict[str, Counter[str]] = {}
+        self._reader: int | None = None
+        self._journal: int | None = None
+        self._journal_bytes = 0
+        self._state_bytes = 0
+        self._segment = 1
+        self._failures = 0
+        self._touched: dict[str, set[int]] | None = None
+        self._cleared: set[str] = set()
+        self._compaction: asyncio.Future[None] | None = None
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="state-writer")
+        self._compactor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="state-compactor")
+        for name in self.layout.indexed:
+            self._reset(name)
+
+    def _reset(self, name: str) -> None:
+        self._recent[name] = {}
+        self._cold[name] = ColdIndex()
+        self._gone[name] = set()
+        self._fresh[name] = Fresh()
+        self._counts[name] = Counter()
+
+    # -- reading at start ----------------------------------------------------------------
 
     def load(self) -> Collections:
-        """Reads the file and its journal, folds them together and returns every record.
+        """Reads the state file and its journals; returns the records kept in memory (all
+        but the finished ones of indexed collections).
 
-        Raises StateError when either is corrupt; the files are then left untouched.
+        Raises StateError when a file is corrupt; the files are then left untouched.
         """
-        collections: Collections = {}
-        if self.path.exists():
-            try:
-                document = orjson.loads(self.path.read_bytes())
-                if document.get("format") != FORMAT:
-                    raise ValueError(f"not a {FORMAT} file")
-                if document.get("version") != VERSION:
-                    raise ValueError(f"unsupported version {document.get('version')!r}")
-                collections = {
-                    name: dict(records) for name, records in document["collections"].items()
-                }
-            except (ValueError, KeyError, AttributeError, TypeError) as error:
-                raise StateError(
-                    f"state file {self.path} is unreadable ({error}); it was left as it is: "
-                    "run `fa-restic rebuild-state` to rebuild it from the repository"
-                ) from None
+        migrate = not self.path.exists()
+        if not migrate:
+            migrate = self._read_state()
+        segments = sorted(self._segments())
+        for _, segment in segments:
+            self._replay(segment)
         if self.journal_path.exists():
-            self._replay(collections)
-        self._collections = collections
-        _make_folders(self.path.parent)
-        self._compact()
-        return {name: dict(records) for name, records in collections.items()}
+            self._replay(self.journal_path)
+        make_folders(self.path.parent)
+        self._segment = max((number for number, _ in segments), default=0) + 1
+        if migrate or segments:
+            # A first start, a state file of version 1, or a compaction cut short: fold now.
+            self._compact_now()
+        else:
+            self._open_journal()
+        return {name: dict(records) for name, records in self._hot.items()}
 
-    def _replay(self, collections: Collections) -> None:
-        raw = self.journal_path.read_bytes()
+    def _segments(self) -> Iterator[tuple[int, Path]]:
+        prefix = self.journal_path.name + "."
+        for found in self.path.parent.glob(prefix + "*"):
+            suffix = found.name[len(prefix) :]
+            if suffix.isdigit():
+                yield int(suffix), found
+
+    def _read_state(self) -> bool:
+        """Reads the state file; returns True when it is of an older version (to rewrite)."""
+        try:
+            with self.path.open("rb") as handle:
+                first = handle.readline()
+                header = orjson.loads(first)
+                if header.get("format") != FORMAT:
+                    raise ValueError(f"not a {FORMAT} file")
+                if header.get("version") == 1:
+                    for name, records in header["collections"].items():
+                        for key, value in records.items():
+                            self._set(name, key, value)
+                    return True
+                if header.get("version") != VERSION:
+                    raise ValueError(f"unsupported version {header.get('version')!r}")
+                self._state_bytes = os.fstat(handle.fileno()).st_size
+                self._read_lines(handle, len(first), str(header["generation"]))
+            self._reader = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except (ValueError, KeyError, AttributeError, TypeError) as error:
+            raise StateError(
+                f"state file {self.path} is unreadable ({error}); it was left as it is: "
+                "run `fa-restic rebuild-state` to rebuild it from the repository"
+            ) from None
+        return False
+
+    def _read_lines(self, handle: BinaryIO, start: int, generation: str) -> None:
+        """Reads the index if it is this file's, and the lines it does not cover; without
+        it, every line (and saves the index made from them)."""
+        found = None
+        if self.index_path.exists():
+            found = load_indexes(self.index_path.read_bytes(), generation)
+        if found is not None:
+            start, indexes = found
+            for name, index in indexes.items():
+                self._install_index(name, index)
+        handle.seek(start)
+        made = compaction.read_lines(
+            handle.read(), start, self.layout, self._set, index=found is None
+        )
+        if found is None:
+            for name, index in made.items():
+                self._install_index(name, index)
+            pieces = compaction.index_pieces(generation, start, self._cold)
+            compaction.write_file(self.index_path, pieces)
+
+    def _install_index(self, name: str, index: ColdIndex) -> None:
+        if name not in self.layout.indexed:
+            raise ValueError(f"collection {name!r} is not indexed")
+        self._cold[name] = index
+        labels = Counter(index.label_codes)
+        for code, count in labels.items():
+            self._counts[name][index.labels[code]] += count
+
+    def _replay(self, journal: Path) -> None:
+        raw = journal.read_bytes()
         lines = raw.split(b"\n")
         # The last piece has no newline: an append cut short by a crash, never acknowledged.
         for number, line in enumerate(lines[:-1], start=1):
             if not line.strip():
                 continue
             try:
-                _apply(collections, orjson.loads(line))
-            except (ValueError, KeyError, TypeError) as error:
+                self._apply([decode(entry) for entry in orjson.loads(line)["ops"]], undo=False)
+            except (ValueError, KeyError, TypeError, AttributeError) as error:
                 raise StateError(
-                    f"state journal {self.journal_path} line {number} is unreadable ({error}); "
+                    f"state journal {journal} line {number} is unreadable ({error}); "
                     "it was left as it is: fix or remove the line, or run `fa-restic rebuild-state`"
                 ) from None
 
-    def _compact(self) -> None:
-        document = {"format": FORMAT, "version": VERSION, "collections": self._collections}
-        temporary = self.path.with_name(self.path.name + ".tmp")
-        text = _dumps(document) + b"\n"
-        try:
-            with os.fdopen(_open_private(temporary), "wb") as handle:
-                handle.write(text)
-                handle.flush()
-                os.fsync(handle.fileno())
-        except OSError:
-            temporary.unlink(missing_ok=True)
-            raise
-        os.replace(temporary, self.path)
-        _fsync_folder(self.path.parent)
-        if self._journal is not None:
-            self._journal.close()
-        # Emptied: the file now holds it all.
-        self._journal = os.fdopen(_open_private(self.journal_path), "wb")
-        os.fsync(self._journal.fileno())
-        _fsync_folder(self.path.parent)
-        self._journal_lines = 0
+    # -- the records in memory -----------------------------------------------------------
 
-    def _write_now(self, operations: list[Operation]) -> None:
-        entry = {"ops": [_encode(operation) for operation in operations]}
-        line = _dumps(entry) + b"\n"
-        end = self._journal.tell()
+    def _set(self, name: str, key: str, value: Value | None) -> None:
+        """Makes `value` the record `key` of `name` (None: no record), in memory only."""
+        if name not in self.layout.indexed:
+            if value is None:
+                self._hot.get(name, {}).pop(key, None)
+            else:
+                self._hot.setdefault(name, {})[key] = value
+            return
+        number = int(key)
+        old = self._fresh[name].remove(number)
+        if old is not None:
+            self._hot.get(name, {}).pop(key, None)
+            data = self._recent[name].pop(number, None)
+            self._recent_bytes -= len(data) if data is not None else 0
+        else:
+            old = self._forget_cold(name, number)
+        if old is not None:
+            self._counts[name][old[1]] -= 1
+        if self._touched is not None:
+            self._touched[name].add(number)
+        if value is None:
+            return
+        owner, label = self.layout.owner_of(value), self.layout.label_of(value)
+        if self.layout.is_live(value):
+            self._hot.setdefault(name, {})[key] = value
+        else:
+            data = dumps(value)
+            self._recent[name][number] = data
+            self._recent_bytes += len(data)
+        self._fresh[name].add(number, owner, label)
+        self._counts[name][label] += 1
+
+    def _forget_cold(self, name: str, number: int) -> tuple[str, str] | None:
+        """Masks `number` in the index; returns its (owner, label) if it was there."""
+        if number in self._gone[name]:
+            return None
+        index = self._cold[name]
+        position = index.find(number)
+        if position is None:
+            return None
+        self._gone[name].add(number)
+        entry = index.entry(position)
+        return entry.owner, entry.label
+
+    def _value(self, name: str, key: str) -> Value | None:
+        if name not in self.layout.indexed:
+            return self._hot.get(name, {}).get(key)
+        hot = self._hot.get(name, {}).get(key)
+        if hot is not None:
+            return hot
         try:
-            self._journal.write(line)
-            self._journal.flush()
-            os.fsync(self._journal.fileno())
+            number = int(key)
+        except ValueError:
+            return None
+        data = self._recent[name].get(number)
+        if data is not None:
+            value: Value = orjson.loads(data)
+            return value
+        if number in self._gone[name]:
+            return None
+        position = self._cold[name].find(number)
+        return None if position is None else self._read_cold(name, position)
+
+    def _read_cold(self, name: str, position: int) -> Value:
+        index = self._cold[name]
+        assert self._reader is not None
+        line = os.pread(self._reader, index.lengths[position], index.offsets[position])
+        value: Value = orjson.loads(line)["v"]
+        return value
+
+    def _apply(self, batch: list[Operation], *, undo: bool) -> list[_Undo]:
+        """Applies `batch` in memory; returns how to take it back (when `undo`)."""
+        undos: list[_Undo] = []
+        for operation in batch:
+            if isinstance(operation, Clear):
+                undos.append(self._clear(operation.collection))
+                continue
+            previous = None
+            if undo or isinstance(operation, Update):
+                previous = self._value(operation.collection, operation.key)
+            if undo:
+                undos.append(_Undo(operation.collection, operation.key, previous))
+            if isinstance(operation, Put):
+                self._set(operation.collection, operation.key, operation.value)
+            elif isinstance(operation, Update):
+                if previous is not None:  # a new dict: a compaction may be reading the old one
+                    self._set(operation.collection, operation.key, {**previous, **operation.fields})
+            elif isinstance(operation, Delete):
+                self._set(operation.collection, operation.key, None)
+        return undos
+
+    def _clear(self, name: str) -> _Undo:
+        hot = self._hot.pop(name, {})
+        if name not in self.layout.indexed:
+            return _Undo(name, "", cleared=(hot,))
+        kept = (
+            hot,
+            self._recent[name],
+            self._cold[name],
+            self._gone[name],
+            self._fresh[name],
+            self._counts[name],
+        )
+        self._recent_bytes -= sum(len(data) for data in self._recent[name].values())
+        self._reset(name)
+        self._cleared.add(name)
+        return _Undo(name, "", cleared=kept)
+
+    def _take_back(self, undos: list[_Undo]) -> None:
+        for undo in reversed(undos):
+            if undo.cleared is None:
+                self._set(undo.collection, undo.key, undo.previous)
+            elif undo.collection not in self.layout.indexed:
+                self._hot[undo.collection] = undo.cleared[0]
+            else:
+                name = undo.collection
+                self._hot[name], self._recent[name], self._cold[name] = undo.cleared[:3]
+                self._gone[name], self._fresh[name], self._counts[name] = undo.cleared[3:]
+                self._recent_bytes += sum(len(data) for data in self._recent[name].values())
+
+    # -- what the job layer reads --------------------------------------------------------
+
+    def read(self, collection: str, key: str) -> Value | None:
+        """Returns one record (finished ones are read from the state file), or None."""
+        return self._value(collection, key)
+
+    def page(
+        self,
+        collection: str,
+        *,
+        owner: str | None = None,
+        label: str | None = None,
+        before: int | None = None,
+        limit: int = 100,
+    ) -> list[Value]:
+        """Returns up to `limit` records of an indexed collection (of `owner`, with `label`,
+        if given) with a key below `before`, highest key first; through the indexes, so the
+        cost is that of the page, not of the collection."""
+        fresh = self._fresh[collection].descending(owner, label, before)
+        index, gone = self._cold[collection], self._gone[collection]
+        cold = (
+            (index.ids[position], position)
+            for position in index.descending(owner, label, before)
+            if index.ids[position] not in gone
+        )
+        found: list[Value] = []
+        next_fresh = next(fresh, None)
+        next_cold = next(cold, None)
+        while len(found) < limit and (next_fresh is not None or next_cold is not None):
+            if next_cold is None or (next_fresh is not None and next_fresh > next_cold[0]):
+                assert next_fresh is not None
+                value = self._value(collection, str(next_fresh))
+                next_fresh = next(fresh, None)
+            else:
+                value = self._read_cold(collection, next_cold[1])
+                next_cold = next(cold, None)
+            if value is not None:
+                found.append(value)
+        return found
+
+    def counts(self, collection: str) -> dict[str, int]:
+        """Returns label -> how many records of an indexed collection."""
+        return {label: count for label, count in self._counts[collection].items() if count}
+
+    def keys(self, collection: str) -> Iterator[str]:
+        """Yields the key of every record of `collection`."""
+        yield from list(self._hot.get(collection, {}))
+        if collection in self.layout.indexed:
+            for number in list(self._recent[collection]):
+                yield str(number)
+            gone = self._gone[collection]
+            for number in self._cold[collection].ids:
+                if number not in gone:
+                    yield str(number)
+
+    # -- writing -------------------------------------------------------------------------
+
+    def _open_journal(self) -> None:
+        self._journal = open_private(self.journal_path, os.O_WRONLY | os.O_APPEND)
+        self._journal_bytes = os.fstat(self._journal).st_size
+
+    def _append(self, batch: list[Operation]) -> int:
+        line = dumps({"ops": [encode(operation) for operation in batch]}) + b"\n"
+        assert self._journal is not None
+        end = os.lseek(self._journal, 0, os.SEEK_END)
+        try:
+            write_all(self._journal, line)
+            os.fsync(self._journal)
         except OSError:
             # A line cut short (disk full) must not glue itself to the next one.
-            self._journal.seek(end)
-            self._journal.truncate(end)
+            os.ftruncate(self._journal, end)
             raise
-        _apply(self._collections, entry)
-        self._journal_lines += 1
-        records = sum(len(records) for records in self._collections.values())
-        # Fold in when the journal is as long as the file: the rewrite costs O(records)
-        # once every O(records) writes, so each write costs O(1) on average.
-        if self._journal_lines >= max(MIN_COMPACTION_LINES, records):
-            try:
-                self._compact()
-            except OSError as error:  # the journal still holds everything: try again later
-                log.error("state: could not fold the journal into %s: %s", self.path, error)
-                self._journal_lines = 0
+        return len(line)
 
     async def write(self, operations: Iterable[Operation]) -> None:
-        """Persists a batch of changes atomically; returns once they are on disk (fsync)."""
+        """Persists a batch of changes atomically; returns once they are on disk (fsync).
+
+        Raises OSError if they could not be written (nothing changed then).
+        """
         batch = list(operations)
         if not batch:
             return
+        undos = self._apply(batch, undo=True)
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, self._write_now, batch)
+        appended = loop.run_in_executor(self._writer, self._append, batch)
+        try:
+            self._journal_bytes += await asyncio.shield(appended)
+        except asyncio.CancelledError:
+            # The line may still reach the disk: memory follows what the journal holds.
+            appended.add_done_callback(lambda done: self._settle(done, undos))
+            raise
+        except BaseException:
+            self._failures += 1
+            self._take_back(undos)
+            raise
+        self._maybe_compact()
+
+    def _settle(self, appended: asyncio.Future[int], undos: list[_Undo]) -> None:
+        if appended.cancelled() or appended.exception() is not None:
+            self._failures += 1
+            self._take_back(undos)
+
+    # -- compaction ----------------------------------------------------------------------
+
+    def _maybe_compact(self) -> None:
+        if self._compaction is not None or self._journal is None:
+            return
+        if (
+            self._journal_bytes < max(MIN_JOURNAL_BYTES, self._state_bytes)
+            and self._recent_bytes < RECENT_BYTES
+        ):
+            return
+        self._compaction = asyncio.ensure_future(self._compact())
+
+    async def _compact(self) -> None:
+        loop = asyncio.get_running_loop()
+        segment = self._segment
+        self._segment += 1
+        # Queued behind the appends already in flight, whose changes memory holds already.
+        rotated = loop.run_in_executor(self._writer, self._rotate, segment)
+        snapshot = self._snapshot()
+        failures = self._failures
+        self._journal_bytes = 0
+        try:
+            await rotated
+            result = await loop.run_in_executor(
+                self._compactor,
+                compaction.write_state,
+                self.path,
+                self.index_path,
+                snapshot,
+                lambda: self._failures == failures,
+            )
+            if result is not None:
+                self._install(*result, snapshot)
+                await loop.run_in_executor(self._compactor, self._remove_segments, segment)
+        except OSError as error:  # the journals still hold everything: folded next time
+            log.error("state: could not fold the journal into %s: %s", self.path, error)
+        finally:
+            if snapshot.reader is not None:
+                os.close(snapshot.reader)
+            self._touched = None
+            self._cleared = set()
+            self._compaction = None
+
+    def _snapshot(self) -> compaction.Snapshot:
+        self._touched = {name: set() for name in self.layout.indexed}
+        self._cleared = set()
+        return compaction.Snapshot(
+            generation=secrets.token_hex(8),
+            header={"format": FORMAT, "version": VERSION},
+            hot={name: dict(records) for name, records in self._hot.items()},
+            recent={name: dict(records) for name, records in self._recent.items()},
+            meta={name: dict(self._fresh[name].meta) for name in self.layout.indexed},
+            cold=dict(self._cold),
+            gone={name: set(numbers) for name, numbers in self._gone.items()},
+            reader=None if self._reader is None else os.dup(self._reader),
+        )
+
+    def _rotate(self, segment: int) -> None:
+        assert self._journal is not None
+        os.close(self._journal)
+        self._journal = None
+        os.replace(
+            self.journal_path, self.journal_path.with_name(f"{self.journal_path.name}.{segment}")
+        )
+        self._journal = open_private(self.journal_path)
+        fsync_folder(self.path.parent)
+
+    def _install(
+        self, indexes: dict[str, ColdIndex], size: int, snapshot: compaction.Snapshot
+    ) -> None:
+        """Takes the new state file's indexes: records folded in and unchanged since leave
+        memory; those changed since stay, masking their folded line."""
+        reader = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        if self._reader is not None:
+            os.close(self._reader)
+        self._reader, self._state_bytes = reader, size
+        assert self._touched is not None
+        for name in self.layout.indexed:
+            index = ColdIndex() if name in self._cleared else indexes[name]
+            touched = self._touched[name]
+            self._cold[name] = index
+            self._gone[name] = {number for number in touched if index.find(number) is not None}
+            recent = self._recent[name]
+            for number in snapshot.recent.get(name, {}):
+                if number not in touched:
+                    self._recent_bytes -= len(recent.pop(number))
+            hot = self._hot.get(name, {})
+            meta = self._fresh[name].meta
+            self._fresh[name] = Fresh.of(
+                {number: meta[number] for number in meta if number in recent or str(number) in hot}
+            )
+
+    def _remove_segments(self, up_to: int) -> None:
+        for number, segment in self._segments():
+            if number <= up_to:
+                segment.unlink(missing_ok=True)
+        fsync_folder(self.path.parent)
+
+    def _compact_now(self) -> None:
+        """Folds everything into a new state file, in this thread (at load)."""
+        snapshot = self._snapshot()
+        try:
+            result = compaction.write_state(self.path, self.index_path, snapshot, lambda: True)
+            assert result is not None
+            if self._journal is not None:
+                os.close(self._journal)
+            self._journal = open_private(self.journal_path)
+            fsync_folder(self.path.parent)
+            self._install(*result, snapshot)
+            self._remove_segments(self._segment - 1)
+            self._journal_bytes = 0
+        finally:
+            if snapshot.reader is not None:
+                os.close(snapshot.reader)
+            self._touched = None
 
     def close(self) -> None:
-        """Waits for pending writes and closes the journal."""
-        self._executor.shutdown(wait=True)
-        if self._journal is not None:
-            self._journal.close()
-            self._journal = None
+        """Waits for pending writes (and a compaction's file work) and closes the files."""
+        self._writer.shutdown(wait=True)
+        self._compactor.shutdown(wait=True)
+        for descriptor in (self._journal, self._reader):
+            if descriptor is not None:
+                os.close(descriptor)
+        self._journal = self._reader = None
+
+    async def settled(self) -> None:
+        """Returns once no compaction runs (for tests and benchmarks)."""
+        while self._compaction is not None:
+            await asyncio.shield(self._compaction)
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        """Returns the bytes of the state file and the journal, and those held in memory."""
+        return {
+            "state": self._state_bytes,
+            "journal": self._journal_bytes,
+            "recent": self._recent_bytes,
+            "index": sum(index.nbytes for index in self._cold.values()),
+        }

@@ -88,7 +88,11 @@ class Harness:
         return await self.service.submit_backup(caller, backup_id, self.path(user, name))
 
     def backup_record(self, backup_id: int) -> BackupRecord:
-        return self.service.backups[backup_id]
+        """Returns the backup record (live or finished); raises KeyError if there is none."""
+        record = self.service.records.backup(backup_id)
+        if record is None:
+            raise KeyError(backup_id)
+        return record
 
     async def ended(self, record: Record, what: str = "") -> Record:
         """Waits until `record` is terminal and its task is gone; returns it."""

@@ -1,28 +1,70 @@
 """A Store in memory: applies batches as the JSON journal does and keeps every batch, so a
-test can read what was durable at each step (and hold a write to look in between)."""
+test can read what was durable at each step (and hold a write to look in between).
+
+It keeps records as the job layer's Layout says (finished jobs are left out of `load`),
+answering `read`, `page` and `counts` by scanning: simple, and the same answers."""
 
 from __future__ import annotations
 
 import asyncio
 import copy
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from typing import Any
 
-from fa_restic.store import Collections, Delete, Operation, Put, Store, Update
+from fa_restic.jobs.records import LAYOUT
+from fa_restic.store import Clear, Collections, Delete, Layout, Operation, Put, Store, Update, Value
 
 
 class MemoryStore:
     """Durable collections of JSON records in a dict; `batches` is every write, in order."""
 
-    def __init__(self, collections: Collections | None = None) -> None:
+    def __init__(self, collections: Collections | None = None, layout: Layout = LAYOUT) -> None:
         self.collections: Collections = copy.deepcopy(collections or {})
+        self.layout = layout
         self.batches: list[list[Operation]] = []
         self.holds: list[asyncio.Event] = []
         """Each next write waits for the first of these (a test releases it)."""
         self.closed = False
 
     def load(self) -> Collections:
-        return copy.deepcopy(self.collections)
+        return {
+            name: {
+                key: copy.deepcopy(value)
+                for key, value in records.items()
+                if name not in self.layout.indexed or self.layout.is_live(value)
+            }
+            for name, records in self.collections.items()
+        }
+
+    def read(self, collection: str, key: str) -> Value | None:
+        return copy.deepcopy(self.collections.get(collection, {}).get(key))
+
+    def page(
+        self,
+        collection: str,
+        *,
+        owner: str | None = None,
+        label: str | None = None,
+        before: int | None = None,
+        limit: int = 100,
+    ) -> list[Value]:
+        chosen = [
+            value
+            for key, value in self.collections.get(collection, {}).items()
+            if (owner is None or self.layout.owner_of(value) == owner)
+            and (label is None or self.layout.label_of(value) == label)
+            and (before is None or int(key) < before)
+        ]
+        chosen.sort(key=lambda value: -int(value["id"]))
+        return copy.deepcopy(chosen[:limit])
+
+    def counts(self, collection: str) -> dict[str, int]:
+        records = self.collections.get(collection, {}).values()
+        return dict(Counter(self.layout.label_of(value) for value in records))
+
+    def keys(self, collection: str) -> Iterator[str]:
+        yield from list(self.collections.get(collection, {}))
 
     async def write(self, operations: Iterable[Operation]) -> None:
         batch = list(operations)
@@ -34,7 +76,9 @@ class MemoryStore:
             await self.holds.pop(0).wait()
         for operation in batch:
             records = self.collections.setdefault(operation.collection, {})
-            if isinstance(operation, Put):
+            if isinstance(operation, Clear):
+                records.clear()
+            elif isinstance(operation, Put):
                 records[operation.key] = copy.deepcopy(operation.value)
             elif isinstance(operation, Update):
                 if operation.key in records:

@@ -169,7 +169,7 @@ async def test_cancel_twice_returns_the_cancelled_job(harness: Harness) -> None:
     assert first is second is record and record.status is JobStatus.CANCEL
     writes = len(harness.memory.batches)
     third = await harness.service.cancel(ALICE, JobKind.BACKUP, 1)
-    assert third is record and record.status is JobStatus.CANCEL
+    assert third == record and third.status is JobStatus.CANCEL
     assert len(harness.memory.batches) == writes, "an already cancelled job is not written"
     assert harness.memory.statuses("backup", 1) == ["pending", "running", "cancel"]
     assert finished(harness.service.metrics, "backup", "cancel") == 1.0

@@ -57,11 +57,15 @@ def test_round_trip(path: Path) -> None:
     }
 
 
+def _lines(path: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in path.read_bytes().splitlines()]
+
+
 def test_a_fresh_store_makes_its_folder_and_is_empty(path: Path) -> None:
     assert _reload(path) == {}
     assert path.is_file() and path.with_name("state.json.journal").is_file()
-    document = json.loads(path.read_text(encoding="utf-8"))
-    assert document == {"format": "fa-restic-state", "version": 1, "collections": {}}
+    [header] = _lines(path)
+    assert header["format"] == "fa-restic-state" and header["version"] == 2
 
 
 def test_writes_are_in_the_journal_until_compaction(path: Path) -> None:
@@ -71,11 +75,9 @@ def test_writes_are_in_the_journal_until_compaction(path: Path) -> None:
     assert [json.loads(line) for line in lines] == [
         {"ops": [{"put": "backup", "key": "1", "value": _record(1)}]}
     ]
-    # Reading folds the journal into the file and empties the journal.
+    # A restart replays the short journal; the state file is JSON lines, one per record.
     assert _reload(path) == {"backup": {"1": _record(1)}}
-    assert journal.read_bytes() == b""
-    document = json.loads(path.read_text(encoding="utf-8"))
-    assert document["collections"] == {"backup": {"1": _record(1)}}
+    assert _reload(path) == {"backup": {"1": _record(1)}}
 
 
 def test_a_journal_line_cut_short_at_the_end_is_ignored(path: Path) -> None:
@@ -137,40 +139,41 @@ def test_a_corrupt_state_file_is_an_error_and_left_byte_identical(
     assert "rebuild-state" in str(raised.value)
     assert path.read_bytes() == content
     assert journal.read_bytes() == journal_before
-    assert sorted(p.name for p in path.parent.iterdir()) == ["state.json", "state.json.journal"]
+    assert sorted(p.name for p in path.parent.iterdir()) == [
+        "state.json",
+        "state.json.index",
+        "state.json.journal",
+    ]
 
 
 def test_compaction_happens_and_the_file_stays_readable(
     path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(state_module, "MIN_COMPACTION_LINES", 10)
+    monkeypatch.setattr(state_module, "MIN_JOURNAL_BYTES", 2000)
     journal = path.with_name("state.json.journal")
-    documents: list[dict[str, object]] = []
+    journal_sizes: list[tuple[int, int]] = []
 
     async def write() -> None:
         store = StateStore(path)
         store.load()
         try:
-            for number in range(1, 26):
+            for number in range(1, 101):
                 await store.write([Put("backup", str(number), _record(number))])
-                # The file is whole JSON at every moment between writes.
-                documents.append(json.loads(path.read_text(encoding="utf-8")))  # noqa: ASYNC240
+                await store.settled()
+                sizes = (journal.stat().st_size, path.stat().st_size)  # noqa: ASYNC240
+                journal_sizes.append(sizes)
             await store.write([Delete("backup", "1")])
         finally:
             store.close()
 
     asyncio.run(write())
-    assert len(documents) == 25
-    # Folded in once the journal was as long as the file's record count (here: 10 writes).
-    assert documents[8]["collections"] == {}
-    assert len(documents[9]["collections"]["backup"]) == 10  # type: ignore[index]
-    journal_lines = journal.read_bytes().count(b"\n")
-    assert journal_lines < 26, "the journal was folded into the file at least once"
-    document = json.loads(path.read_text(encoding="utf-8"))
-    assert document["format"] == "fa-restic-state"
-    assert len(document["collections"]["backup"]) >= 10
-    assert not path.with_name("state.json.tmp").exists()
-    expected = {str(number): _record(number) for number in range(2, 26)}
+    # Folded in once past the larger of its bound and the state file (a write's worth more).
+    assert all(journal <= max(2000, state) + 200 for journal, state in journal_sizes)
+    assert [journal for journal, _ in journal_sizes].count(0) >= 3, "folded in several times"
+    header, *records = _lines(path)
+    assert header["format"] == "fa-restic-state"
+    assert len(records) >= 50 and not path.with_name("state.json.tmp").exists()
+    expected = {str(number): _record(number) for number in range(2, 101)}
     assert _reload(path) == {"backup": expected}
 
 
