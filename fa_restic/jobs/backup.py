@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +13,7 @@ from fa_restic.jobs.ports import ResticRunner
 from fa_restic.names import snapshot_tags
 from fa_restic.restic import sandbox
 from fa_restic.restic.client import BackupResult
+from fa_restic.restic.commands import anchored_excludes
 from fa_restic.restic.messages import BackupStatus
 from fa_restic.restic.sandbox import Confinement
 
@@ -97,12 +98,18 @@ async def run_backup(
     source: Source,
     on_progress: ProgressHandler,
     on_start: StartHandler,
+    exclude: Sequence[str] = (),
 ) -> BackupOutcome:
-    """Backs `source` up; returns the snapshot and sizes.
+    """Backs `source` up, without what the `exclude` patterns (relative to it) match;
+    returns the snapshot and sizes.
 
     Raises ResticError, FileNotFoundError, or sandbox.Refused when the path changed.
     """
     confinement, paths = await asyncio.to_thread(source_form, source)
+    # A folder is backed up as `.`: its patterns are anchored below it (restic sees the
+    # real path, confined or not). A single file has nothing below it, and restic 0.19
+    # never excludes a path it is given while older ones would: no pattern, on every version.
+    excludes = anchored_excludes(confinement.working_folder, exclude) if paths == ["."] else []
 
     def on_status(status: BackupStatus) -> None:
         on_progress(progress_of(status))
@@ -114,6 +121,7 @@ async def run_backup(
         on_status=on_status,
         on_start=on_start,
         confinement=confinement if source.confined else None,
+        excludes=excludes,
     )
     summary = result.summary
     return BackupOutcome(

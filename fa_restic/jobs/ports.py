@@ -13,7 +13,7 @@ from typing import Protocol
 
 from fa_restic.restic.client import BackupResult, RestoreResult
 from fa_restic.restic.features import Feature, ResticVersion
-from fa_restic.restic.messages import BackupStatus, RestoreStatus, Snapshot, StatsResult
+from fa_restic.restic.messages import BackupStatus, RestoreStatus, Snapshot, StatsResult, TreeNode
 from fa_restic.restic.sandbox import Confinement
 
 StartHandler = Callable[[int], Awaitable[None]]
@@ -52,8 +52,9 @@ class ResticRunner(Protocol):
         on_status: Callable[[BackupStatus], None] | None = None,
         on_start: StartHandler | None = None,
         confinement: Confinement | None = None,
+        excludes: Sequence[str] = (),
     ) -> BackupResult:
-        """Backs `paths` up into one snapshot tagged `tags`."""
+        """Backs `paths` up into one snapshot tagged `tags`, without what `excludes` match."""
         ...
 
     async def restore(
@@ -64,8 +65,15 @@ class ResticRunner(Protocol):
         on_status: Callable[[RestoreStatus], None] | None = None,
         on_start: StartHandler | None = None,
         confinement: Confinement | None = None,
+        include: Sequence[str] = (),
+        overwrite: str | None = None,
     ) -> RestoreResult:
-        """Restores a snapshot's tree into `target` (as seen inside `confinement`, if given)."""
+        """Restores a snapshot's tree (only `include`, if given) into `target` (as seen inside
+        `confinement`, if given); `overwrite` is restic's own `--overwrite` (>= 0.17)."""
+        ...
+
+    async def ls(self, snapshot_id: str, on_node: Callable[[TreeNode], None]) -> Snapshot:
+        """Streams every node of a snapshot's tree to `on_node`; returns the snapshot."""
         ...
 
     async def snapshots(

@@ -32,7 +32,12 @@ So every restore, whatever the restic version, goes like this:
    through the same descriptors instead: files created with O_CREAT|O_EXCL|O_NOFOLLOW after
    whatever was there is unlinked, then content, extended attributes, owner, mode and times
    set on the new file's descriptor. Hard links are not kept across such a copy.
-4. The staging folder is removed, also after a failed or cancelled restore, whose partial
+4. What is already in dst follows the restore's overwrite policy (SPEC §11), the same on
+   every restic version since restic itself never sees dst: `always` replaces it as above,
+   `never` keeps whatever is there, `if-newer` keeps it when its mtime is as new as the
+   restored entry's or newer. Folders meeting folders are merged under every policy (new
+   entries land inside); a kept folder keeps its own metadata.
+5. The staging folder is removed, also after a failed or cancelled restore, whose partial
    files are moved into dst first (SPEC: partial files stay in dst on cancel).
 
 A user may still move a folder of theirs while it is being filled, to anywhere they can
@@ -54,7 +59,7 @@ from collections.abc import Awaitable, Callable, Collection
 from pathlib import Path
 from typing import TypeVar
 
-from fa_restic.names import STAGING_FOLDER
+from fa_restic.names import STAGING_FOLDER, Overwrite
 
 log = logging.getLogger("fa_restic.jobs")
 
@@ -269,8 +274,9 @@ def _remove_tree(parent: int, name: str, device: int) -> None:
 class _Merger:
     """Moves (or copies, across file systems) staged entries into an open dst folder."""
 
-    def __init__(self, *, copy: bool) -> None:
+    def __init__(self, *, copy: bool, overwrite: Overwrite = Overwrite.ALWAYS) -> None:
         self.copy = copy
+        self.overwrite = overwrite
         self.root = os.geteuid() == 0
         self.failures: list[str] = []
         self.failure_count = 0
@@ -292,13 +298,16 @@ class _Merger:
                 there: os.stat_result | None = os.stat(name, dir_fd=target, follow_symlinks=False)
             except FileNotFoundError:
                 there = None
+            keep = there is not None and self._keeps(there, staged)
             if (
                 there is not None
                 and stat.S_ISDIR(there.st_mode)
                 and stat.S_ISDIR(staged.st_mode)
-                and self._merge_folder(source, target, name, staged, path)
+                and self._merge_folder(source, target, name, staged, path, keep=keep)
             ):
                 return
+            if keep:
+                return  # the overwrite policy keeps what dst has (the staged copy goes)
             if there is not None and (stat.S_ISDIR(there.st_mode) or stat.S_ISDIR(staged.st_mode)):
                 self._remove(target, name)
             try:
@@ -309,10 +318,26 @@ class _Merger:
                     raise
         raise StagingError(f"{path} keeps changing while the restore puts files there")
 
+    def _keeps(self, there: os.stat_result, staged: os.stat_result) -> bool:
+        """Returns True when the overwrite policy keeps the entry `there` in dst."""
+        if self.overwrite is Overwrite.NEVER:
+            return True
+        if self.overwrite is Overwrite.IF_NEWER:
+            return there.st_mtime_ns >= staged.st_mtime_ns
+        return False
+
     def _merge_folder(
-        self, source: int, target: int, name: str, staged: os.stat_result, path: Path
+        self,
+        source: int,
+        target: int,
+        name: str,
+        staged: os.stat_result,
+        path: Path,
+        *,
+        keep: bool = False,
     ) -> bool:
-        """Merges a staged folder into dst's folder of the same name; False if it was swapped."""
+        """Merges a staged folder into dst's folder of the same name (which keeps its own
+        metadata with `keep`); False if it was swapped."""
         try:
             inner_target = os.open(name, _DIRECTORY_FLAGS, dir_fd=target)
         except OSError as error:
@@ -324,7 +349,8 @@ class _Merger:
             inner_source = os.open(name, _DIRECTORY_FLAGS, dir_fd=source)
             try:
                 self.merge(inner_source, inner_target, path)
-                self._set_metadata(inner_source, inner_target, staged)
+                if not keep:
+                    self._set_metadata(inner_source, inner_target, staged)
             finally:
                 os.close(inner_source)
         finally:
@@ -444,19 +470,27 @@ class _Merger:
         )
 
 
-def merge_into(staging: Path, home: Path, target: Path, *, copy: bool = False) -> None:
+def merge_into(
+    staging: Path,
+    home: Path,
+    target: Path,
+    *,
+    copy: bool = False,
+    overwrite: Overwrite = Overwrite.ALWAYS,
+) -> None:
     """Moves everything in `staging` into the folder `target` inside `home`.
 
-    `target` is made if missing (owned like the home); it is reached from the home without
-    following symlinks. Entries are renamed into place, or copied when the two are on
-    different file systems (`copy=True` copies from the start). Raises StagingError when
-    `target` cannot be reached or some entries could not be placed (the rest are placed).
+        `target` is made if missing (owned like the home); it is reached from the home without
+        following symlinks. Entries are renamed into place, or copied when the two are on
+        different file systems (`copy=True` copies from the start); what dst already has follows
+    `overwrite` (see the module). Raises StagingError when
+        `target` cannot be reached or some entries could not be placed (the rest are placed).
     """
     destination = open_folder(home, target, create=True)
     try:
         source = os.open(staging, _DIRECTORY_FLAGS)
         try:
-            merger = _Merger(copy=copy)
+            merger = _Merger(copy=copy, overwrite=overwrite)
             merger.merge(source, destination, target)
         finally:
             os.close(source)
@@ -469,10 +503,12 @@ def merge_into(staging: Path, home: Path, target: Path, *, copy: bool = False) -
         )
 
 
-def merge_and_remove(staging: Path, home: Path, target: Path) -> None:
+def merge_and_remove(
+    staging: Path, home: Path, target: Path, overwrite: Overwrite = Overwrite.ALWAYS
+) -> None:
     """merge_into, then removes the staging folder whatever happened."""
     try:
-        merge_into(staging, home, target)
+        merge_into(staging, home, target, overwrite=overwrite)
     except RecursionError:
         raise StagingError(f"restored files could not be put in {target}: too deep") from None
     except OSError as error:
@@ -517,12 +553,14 @@ async def staged_restore(
     restore: Callable[[Path], Awaitable[T]],
     *,
     active: Collection[int] = (),
+    overwrite: Overwrite = Overwrite.ALWAYS,
 ) -> T:
     """Runs `restore(staging)`, then moves what it restored into `target` (see the module).
 
     What was restored is moved into `target` also when `restore` fails or is cancelled;
     the staging folder is always removed. Leftover staging folders of restores not in
-    `active` (the ids of the other running restores) are removed first. Raises what
+    `active` (the ids of the other running restores) are removed first. Files already in
+    `target` follow `overwrite`. Raises what
     `restore` raised, or StagingError.
     """
     # A staging folder of this very restore is a killed attempt's: it goes too.
@@ -532,9 +570,9 @@ async def staged_restore(
         result = await restore(staging)
     except BaseException:
         try:
-            await _to_the_end(lambda: merge_and_remove(staging, home, target))
+            await _to_the_end(lambda: merge_and_remove(staging, home, target, overwrite))
         except StagingError as error:
             log.warning("restore %d: %s", restore_id, error)
         raise
-    await _to_the_end(lambda: merge_and_remove(staging, home, target))
+    await _to_the_end(lambda: merge_and_remove(staging, home, target, overwrite))
     return result

@@ -27,7 +27,9 @@ from fa_restic.restic.messages import (
     RestoreSummary,
     Snapshot,
     StatsResult,
+    TreeNode,
     parse_backup_line,
+    parse_ls_line,
     parse_missing_source,
     parse_restore_line,
     parse_snapshots,
@@ -51,6 +53,7 @@ ITEM_ERRORS_KEPT = 5
 
 BackupStatusHandler = Callable[[BackupStatus], None]
 RestoreStatusHandler = Callable[[RestoreStatus], None]
+NodeHandler = Callable[[TreeNode], None]
 
 
 @dataclass(frozen=True)
@@ -246,11 +249,11 @@ class Restic:
         on_status: BackupStatusHandler | None = None,
         on_start: runner.StartHandler | None = None,
         confinement: sandbox.Confinement | None = None,
+        excludes: Sequence[str] = (),
     ) -> BackupResult:
-        """Backs `paths` (relative to `cwd`, or to the confinement's folder) up.
-
-        Returns the summary or raises ResticError.
-        """
+        """Backs `paths` (relative to `cwd`, or to the confinement's folder) up, without what
+        `excludes` (restic patterns, passed as they are) match; returns the summary or raises
+        ResticError."""
         summary: BackupSummary | None = None
         unreadable: list[str] = []
         unreadable_count = 0
@@ -279,7 +282,7 @@ class Restic:
                 unreadable.append(clean_line(text))
 
         completed = await self._run(
-            commands.backup_command(self.binary, tags, paths),
+            commands.backup_command(self.binary, tags, paths, excludes),
             cwd=cwd,
             on_stdout=on_stdout,
             on_stderr=on_stderr,
@@ -306,11 +309,15 @@ class Restic:
         on_status: RestoreStatusHandler | None = None,
         on_start: runner.StartHandler | None = None,
         confinement: sandbox.Confinement | None = None,
+        include: Sequence[str] = (),
+        overwrite: str | None = None,
     ) -> RestoreResult:
         """Restores a snapshot's tree into `target`; returns what was restored or raises.
 
         With `confinement`, restic runs in it (fa_restic.restic.sandbox): `target` is then
-        a path as the confined restic sees it.
+        a path as the confined restic sees it. `include`: only these entries (paths in the
+        tree, a folder with its contents), laid out as in a full restore. `overwrite`:
+        restic's own `--overwrite` (>= 0.17; ValueError on older restic unless `always`).
         """
         summary: RestoreSummary | None = None
         last_status: RestoreStatus | None = None
@@ -326,7 +333,7 @@ class Restic:
                     on_status(message)
 
         completed = await self._run(
-            commands.restore_command(self.binary, snapshot_id, target),
+            commands.restore_command(self.binary, snapshot_id, target, include, overwrite),
             on_stdout=on_stdout,
             on_start=on_start,
             confinement=confinement,
@@ -338,6 +345,30 @@ class Restic:
         # restic < 0.16 prints no summary: measure what landed.
         stats = await self.stats(snapshot_id)
         return RestoreResult(stats.total_size, stats.total_file_count)
+
+    async def ls(self, snapshot_id: str, on_node: NodeHandler) -> Snapshot:
+        """Streams every node of a snapshot's tree to `on_node`, line by line as restic
+        prints them (never the whole listing in one buffer); returns the snapshot.
+
+        Raises ResticError, also for an unknown snapshot (0.14 then exits 0, silent).
+        """
+        snapshot: Snapshot | None = None
+
+        def on_stdout(line: str) -> None:
+            nonlocal snapshot
+            message = parse_ls_line(line)
+            if isinstance(message, TreeNode):
+                on_node(message)
+            elif isinstance(message, Snapshot) and snapshot is None:
+                snapshot = message
+
+        command = commands.ls_command(self.binary, snapshot_id)
+        completed = await self._run(command, on_stdout=on_stdout)
+        if completed.exit_code != 0:
+            raise classify(completed.exit_code, completed.stderr_tail)
+        if snapshot is None:
+            raise ResticError(ErrorKind.FATAL, f"snapshot {snapshot_id[:12]} not found")
+        return snapshot
 
     async def snapshots(
         self, tags: Sequence[str] = (), snapshot_ids: Sequence[str] = ()

@@ -7,6 +7,7 @@ always come after `--`.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
@@ -86,20 +87,76 @@ def cat_config_command(binary: Binary) -> Command:
     return Command((*binary.base("cat", "config"), "--no-lock"), Lock.NONE)
 
 
-def backup_command(binary: Binary, tags: Iterable[str], paths: Iterable[str]) -> Command:
-    """Returns `restic backup --json --tag T... -- PATH...`; tags must not contain commas."""
+_GLOB_SPECIAL = re.compile(r"([*?\[\\])")
+
+
+def escape_glob(text: str) -> str:
+    """Returns `text` as a restic pattern that matches exactly it: restic's include and
+    exclude patterns are Go `filepath.Match` globs, where `\\` escapes `*`, `?`, `[`, `\\`."""
+    return _GLOB_SPECIAL.sub(r"\\\1", text)
+
+
+def anchored_excludes(root: str, patterns: Iterable[str]) -> list[str]:
+    """Returns `patterns` (relative to the folder `root`) as patterns restic applies below
+    `root` only: `/x` becomes `<root>/x`, `x` becomes `<root>/**/x`, `!` kept in front.
+
+    restic matches a pattern against every window of an item's absolute path, so a bare
+    `users` would otherwise exclude everything below `/srv/fa/data/users`; and 0.14-0.18
+    would exclude the backed-up folder itself where 0.19 does not. Anchored, neither can
+    happen on any version.
+    """
+    base = escape_glob(root.rstrip("/"))
+    anchored = []
+    for pattern in patterns:
+        negation = "!" if pattern.startswith("!") else ""
+        body = pattern.removeprefix("!")
+        inner = body.lstrip("/") if body.startswith("/") else f"**/{body}"
+        anchored.append(f"{negation}{base}/{inner}")
+    return anchored
+
+
+def backup_command(
+    binary: Binary, tags: Iterable[str], paths: Iterable[str], excludes: Iterable[str] = ()
+) -> Command:
+    """Returns `restic backup --json --tag T... --exclude P... -- PATH...`; tags must not
+    contain commas; `excludes` are passed as they are (see anchored_excludes)."""
     tag_arguments: list[str] = []
     for tag in tags:
         if "," in tag:
             raise ValueError(f"restic splits tags at commas: {tag!r}")
         tag_arguments += ["--tag", tag]
+    for pattern in excludes:
+        tag_arguments += ["--exclude", pattern]
     return Command((*binary.base("backup", "--json"), *tag_arguments, "--", *paths), Lock.SHARED)
 
 
-def restore_command(binary: Binary, snapshot_id: str, target: Path) -> Command:
-    return Command(
-        (*binary.base("restore", "--json", "--target", str(target)), "--", snapshot_id), Lock.SHARED
-    )
+def restore_command(
+    binary: Binary,
+    snapshot_id: str,
+    target: Path,
+    include: Iterable[str] = (),
+    overwrite: str | None = None,
+) -> Command:
+    """Returns `restic restore --json --target T [--include /E...] [--overwrite O] -- SNAP`.
+
+    `include` are paths in the snapshot's tree (relative to its top), escaped so that each
+    names exactly one entry (a folder brings its contents), on every version. `overwrite`
+    is restic's own policy (`always`, `if-changed`, `if-newer`, `never`); raises ValueError
+    for a restic without `--overwrite` (< 0.17), except `always`, its only behaviour there.
+    """
+    arguments = ["--target", str(target)]
+    for entry in include:
+        arguments += ["--include", "/" + escape_glob(entry.strip("/"))]
+    if overwrite is not None and has_feature(binary.version, Feature.RESTORE_OVERWRITE):
+        arguments += ["--overwrite", overwrite]
+    elif overwrite not in (None, "always"):
+        raise ValueError(f"restic {binary.version} has no restore --overwrite {overwrite}")
+    return Command((*binary.base("restore", "--json"), *arguments, "--", snapshot_id), Lock.SHARED)
+
+
+def ls_command(binary: Binary, snapshot_id: str) -> Command:
+    """Returns `restic ls --json -- SNAP`: the snapshot, then every node, one JSON line each."""
+    return Command((*binary.base("ls", "--json"), "--", snapshot_id), Lock.SHARED)
 
 
 def snapshots_command(

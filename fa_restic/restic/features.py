@@ -31,6 +31,7 @@ class Feature(Enum):
         "backup of a missing source path beside existing ones exits 3 (incomplete), not 0"
     )
     FORGET_FAILURE_EXIT_3 = "forget exits 3, not 0, when it could not remove a snapshot"
+    RESTORE_OVERWRITE = "restore --overwrite always|if-changed|if-newer|never"
 
 
 MINIMUM_VERSION = ResticVersion(0, 14, 0)
@@ -44,10 +45,15 @@ FEATURE_TO_MINIMUM_VERSION: dict[Feature, ResticVersion] = {
     Feature.RESTORE_REPLACES_SYMLINKS: ResticVersion(0, 17, 0),
     Feature.MISSING_SOURCE_EXIT_3: ResticVersion(0, 19, 0),
     Feature.FORGET_FAILURE_EXIT_3: ResticVersion(0, 19, 0),
+    Feature.RESTORE_OVERWRITE: ResticVersion(0, 17, 0),
 }
 """Changes in 0.19 with no entry: SIGINT exits 130 on every path (0.17-0.18 exited 1 from a
 backup; errors.py classifies both), and excludes (--exclude*, --one-file-system) no longer
-apply to the paths given on the command line (fa-restic passes none). Versions newer than the
+apply to the paths given on the command line: fa-restic anchors every exclude below the
+backed-up folder and passes none for a single file (commands.anchored_excludes), so no
+version excludes the path it was given. A selective restore uses `--include /<escaped path>`
+on every version (the layout of a full restore; `snapshot:subfolder` needs 0.17+ and would
+change it). Versions newer than the
 newest tested (0.19) are accepted and assumed to behave like it."""
 
 _VERSION_PATTERN = re.compile(r"restic (\d+)\.(\d+)\.(\d+)")

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from typing import Any, NamedTuple
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 
@@ -115,6 +116,19 @@ class StatsResult(_Message):
     total_file_count: int = 0
 
 
+class TreeNode(NamedTuple):
+    """One entry of `ls --json`: a tuple, not a model, since a listing holds 100,000s."""
+
+    path: str
+    """The entry's path in the snapshot's tree, from `/`."""
+    name: str
+    type: str
+    """`file`, `dir`, `symlink`, `dev`, `chardev`, `fifo`, `socket` (restic's words)."""
+    size: int
+    mtime: str
+    """As restic prints it: RFC 3339 with nanoseconds, in the backing-up machine's zone."""
+
+
 BackupMessage = BackupStatus | BackupSummary
 RestoreMessage = RestoreStatus | RestoreSummary
 StderrMessage = ItemError | ExitError
@@ -177,6 +191,40 @@ def parse_stderr_line(line: str) -> StderrMessage | None:
                 return ExitError.model_validate(data)
     except ValidationError:
         return None
+    return None
+
+
+def parse_ls_line(line: str) -> TreeNode | Snapshot | None:
+    """Returns the node or the snapshot on an `ls --json` stdout line, None for anything else.
+
+    Called once per line of a listing that may have millions: orjson and plain dict reads,
+    a model only for the one snapshot line.
+    """
+    if not line.startswith("{"):
+        return None
+    try:
+        data = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(data, dict):
+        return None
+    kind = data.get("struct_type")
+    if kind == "node":
+        path, name, size = data.get("path"), data.get("name"), data.get("size", 0)
+        if not isinstance(path, str) or not isinstance(name, str):
+            return None
+        return TreeNode(
+            path,
+            name,
+            str(data.get("type", "")),
+            size if isinstance(size, int) else 0,
+            str(data.get("mtime", "")),
+        )
+    if kind == "snapshot":
+        try:
+            return Snapshot.model_validate(data)
+        except ValidationError:
+            return None
     return None
 
 

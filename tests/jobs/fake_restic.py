@@ -19,7 +19,7 @@ from pathlib import Path
 
 from fa_restic.jobs.ports import ResticRunner, StartHandler
 from fa_restic.restic.client import BackupResult, RestoreResult
-from fa_restic.restic.errors import ResticError
+from fa_restic.restic.errors import ErrorKind, ResticError
 from fa_restic.restic.features import Feature, ResticVersion
 from fa_restic.restic.messages import (
     BackupStatus,
@@ -28,6 +28,7 @@ from fa_restic.restic.messages import (
     RestoreStatus,
     Snapshot,
     StatsResult,
+    TreeNode,
 )
 from fa_restic.restic.sandbox import Confinement
 
@@ -50,6 +51,8 @@ class Call:
     args: tuple[object, ...] = ()
     backup_id: int | None = None
     """For a backup: the `fa:id=` of its tags."""
+    options: dict[str, object] = field(default_factory=dict)
+    """Keyword options beyond `args` (a backup's excludes; a restore's include, overwrite)."""
 
 
 class Gate:
@@ -112,6 +115,8 @@ class FakeRestic:
         self.initialised = True
         self.backup_scripts: dict[int, list[BackupScript]] = {}
         self.restore_results: list[RestoreResult | ResticError] = []
+        self.trees: dict[str, list[TreeNode]] = {}
+        """Per snapshot id, the nodes `ls` answers (default: none)."""
         self.errors: dict[str, list[ResticError]] = {}
         """Per method name, errors the next calls raise (one each, first in first out)."""
         self.gates: dict[str, list[Gate]] = {}
@@ -238,10 +243,12 @@ class FakeRestic:
         on_status: Callable[[BackupStatus], None] | None = None,
         on_start: StartHandler | None = None,
         confinement: Confinement | None = None,
+        excludes: Sequence[str] = (),
     ) -> BackupResult:
         id_tag = _tag_value(tags, "fa:id=")
         backup_id = int(id_tag) if id_tag is not None else None
-        self._begin(Call("backup", (cwd, tuple(paths), tuple(tags), confinement), backup_id))
+        arguments = (cwd, tuple(paths), tuple(tags), confinement)
+        self._begin(Call("backup", arguments, backup_id, {"excludes": tuple(excludes)}))
         scripts = self.backup_scripts.get(backup_id or 0)
         script = scripts.pop(0) if scripts else BackupScript()
         key = f"backup:{backup_id}"
@@ -288,8 +295,11 @@ class FakeRestic:
         on_status: Callable[[RestoreStatus], None] | None = None,
         on_start: StartHandler | None = None,
         confinement: Confinement | None = None,
+        include: Sequence[str] = (),
+        overwrite: str | None = None,
     ) -> RestoreResult:
-        self._begin(Call("restore", (snapshot_id, target)))
+        options = {"include": tuple(include), "overwrite": overwrite}
+        self._begin(Call("restore", (snapshot_id, target), options=options))
         self.running.add("restore")
         try:
             if on_start is not None:
@@ -302,6 +312,16 @@ class FakeRestic:
             return answer or RestoreResult(bytes_restored=9, files_restored=1)
         finally:
             self.running.discard("restore")
+
+    async def ls(self, snapshot_id: str, on_node: Callable[[TreeNode], None]) -> Snapshot:
+        self._begin(Call("ls", (snapshot_id,)))
+        await self._gate("ls")
+        snapshot = self.snapshots_by_id.get(snapshot_id)
+        if snapshot is None:
+            raise ResticError(ErrorKind.FATAL, f"snapshot {snapshot_id[:12]} not found")
+        for node in self.trees.get(snapshot_id, []):
+            on_node(node)
+        return snapshot
 
     async def snapshots(
         self, tags: Sequence[str] = (), snapshot_ids: Sequence[str] = ()

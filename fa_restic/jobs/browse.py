@@ -1,0 +1,237 @@
+"""Browsing a successful backup's tree, and checking a selective restore's entries.
+
+restic reopens the repository (keys, index) on every `ls`: seconds for a large one. So a
+snapshot's whole tree is read once, with one `restic ls --json` streamed line by line,
+into a compact form (one tuple per entry, grouped by folder and sorted by name), and kept
+in a least-recently-used cache bounded by a byte budget (`[restic] browse_cache_bytes`).
+A level is then a dictionary lookup and a slice. Snapshots never change, so an entry is
+never stale; a tree larger than the whole budget is answered but not kept.
+
+Paths are relative to what was backed up: the service backs a folder up as `.` from inside
+it and a file by its name from its folder (jobs.backup), so the tree's top is the folder's
+contents (or the one file) and a tree path is the relative path with a leading `/`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import logging
+import sys
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from operator import itemgetter
+from typing import Any
+
+from fa_restic.jobs.errors import JobConflict, JobError
+from fa_restic.jobs.models import BackupRecord
+from fa_restic.jobs.ports import ResticRunner
+from fa_restic.names import JobStatus
+from fa_restic.restic.messages import TreeNode
+
+log = logging.getLogger("fa_restic.jobs")
+
+DEFAULT_BUDGET_BYTES = 256 << 20
+"""The cache's default budget: about a million entries (~230 bytes each)."""
+_FOLDER_OVERHEAD = 160
+"""A folder's dictionary slot and list, beyond its entries and its path string."""
+_SIZE_BYTES = 32
+_by_name = itemgetter(0)
+
+Entry = tuple[str, str, int, str]
+"""(name, type, size, mtime) of one entry of a folder."""
+
+
+class NotInBackup(JobError):
+    """A path that is not in the backup (or not a folder where one is needed)."""
+
+
+ECHO_LIMIT = 200
+"""The most characters of a user's path a refusal repeats (SPEC §9)."""
+
+
+def shown(path: str) -> str:
+    """Returns `path` quoted for a message, cut to ECHO_LIMIT characters."""
+    cut = path if len(path) <= ECHO_LIMIT else path[: ECHO_LIMIT - 1] + "…"
+    return repr(cut)
+
+
+def clean_path(given: str) -> str:
+    """Returns a path in a backup as the cache keys it: no leading, trailing or doubled `/`,
+    no `.` parts (`""` is the top). Raises NotInBackup for a `..` part."""
+    parts = [part for part in given.split("/") if part not in ("", ".")]
+    if ".." in parts:
+        raise NotInBackup("a path in a backup may not contain '..'")
+    return "/".join(parts)
+
+
+class Tree:
+    """One snapshot's tree: folder path -> its entries sorted by name; `bytes` is an
+    estimate of the memory it holds."""
+
+    def __init__(self) -> None:
+        self.folders: dict[str, list[Entry]] = {"": []}
+        self.bytes = _FOLDER_OVERHEAD
+        self.entries = 0
+
+    def add(self, node: TreeNode) -> None:
+        """Takes one node of `restic ls --json` (its path from the tree's top)."""
+        path = node.path.strip("/")
+        parent = path.rpartition("/")[0]
+        entry = (node.name, node.type, node.size, node.mtime)
+        folder = self.folders.get(parent)
+        if folder is None:  # restic lists a folder before its contents; a stray node anyway
+            folder = self.folders[parent] = []
+            self.bytes += _FOLDER_OVERHEAD + sys.getsizeof(parent)
+        folder.append(entry)
+        self.entries += 1
+        self.bytes += (
+            8 + sys.getsizeof(entry) + sys.getsizeof(node.name) + sys.getsizeof(node.mtime)
+        )
+        self.bytes += _SIZE_BYTES
+        if node.type == "dir" and path not in self.folders:
+            self.folders[path] = []
+            self.bytes += _FOLDER_OVERHEAD + sys.getsizeof(path)
+
+    def finish(self) -> None:
+        """Sorts every folder by name (restic's order already: timsort just checks it)."""
+        for entries in self.folders.values():
+            entries.sort(key=_by_name)
+
+    def find(self, path: str) -> Entry | None:
+        """Returns the entry at `path` (cleaned), None if there is none; the top has none."""
+        parent, _, name = path.rpartition("/")
+        entries = self.folders.get(parent)
+        if entries is None:
+            return None
+        index = bisect.bisect_left(entries, name, key=_by_name)
+        if index < len(entries) and entries[index][0] == name:
+            return entries[index]
+        return None
+
+    def level(self, path: str, after: str | None, limit: int) -> tuple[list[Entry], str | None]:
+        """Returns up to `limit` entries of the folder `path` named after `after`, and the
+        `after` of the next page (None at the end); raises NotInBackup if no such folder."""
+        entries = self.folders.get(path)
+        if entries is None:
+            what = "a file" if self.find(path) is not None else "not"
+            raise NotInBackup(f"path: {shown(path)} is {what} a folder in the backup")
+        start = 0 if after is None else bisect.bisect_right(entries, after, key=_by_name)
+        page = entries[start : start + limit]
+        more = start + limit < len(entries)
+        return page, (page[-1][0] if more and page else None)
+
+
+@dataclass(frozen=True)
+class Level:
+    """One page of one folder of a backup, as the API shows it."""
+
+    path: str
+    items: list[dict[str, Any]]
+    next_after: str | None
+
+
+class TreeCache:
+    """Snapshot trees read with `restic ls`, least recently used first out, within a budget.
+
+    Concurrent requests for a tree not yet cached share one `restic ls`.
+    """
+
+    def __init__(self, restic: ResticRunner, budget_bytes: int = DEFAULT_BUDGET_BYTES) -> None:
+        self.restic = restic
+        self.budget_bytes = budget_bytes
+        self.bytes = 0
+        self._trees: OrderedDict[str, Tree] = OrderedDict()
+        self._loading: dict[str, asyncio.Future[Tree]] = {}
+
+    def cached(self, snapshot_id: str) -> Tree | None:
+        """Returns a cached tree (now the most recently used), or None."""
+        tree = self._trees.get(snapshot_id)
+        if tree is not None:
+            self._trees.move_to_end(snapshot_id)
+        return tree
+
+    async def tree(self, snapshot_id: str) -> Tree:
+        """Returns a snapshot's tree, from the cache or read once; raises ResticError."""
+        tree = self.cached(snapshot_id)
+        if tree is not None:
+            return tree
+        loading = self._loading.get(snapshot_id)
+        if loading is None:
+            loading = self._loading[snapshot_id] = asyncio.ensure_future(self._read(snapshot_id))
+            loading.add_done_callback(lambda _: self._loading.pop(snapshot_id, None))
+        # Shielded: one caller going away does not stop the read the others wait for.
+        return await asyncio.shield(loading)
+
+    async def _read(self, snapshot_id: str) -> Tree:
+        tree = Tree()
+        await self.restic.ls(snapshot_id, tree.add)
+        tree.finish()
+        self._keep(snapshot_id, tree)
+        return tree
+
+    def _keep(self, snapshot_id: str, tree: Tree) -> None:
+        if tree.bytes > self.budget_bytes:
+            log.info(
+                "browse: the tree of snapshot %s (%d entries, ~%d bytes) exceeds the cache "
+                "budget (%d bytes): not kept",
+                snapshot_id[:12],
+                tree.entries,
+                tree.bytes,
+                self.budget_bytes,
+            )
+            return
+        while self._trees and self.bytes + tree.bytes > self.budget_bytes:
+            _, evicted = self._trees.popitem(last=False)
+            self.bytes -= evicted.bytes
+        self._trees[snapshot_id] = tree
+        self.bytes += tree.bytes
+
+    def forget(self, snapshot_id: str) -> None:
+        """Drops a snapshot's tree (its backup was deleted)."""
+        tree = self._trees.pop(snapshot_id, None)
+        if tree is not None:
+            self.bytes -= tree.bytes
+
+
+def _browsable(record: BackupRecord) -> str:
+    """Returns the snapshot of a successful backup; raises JobConflict for any other."""
+    if record.status is not JobStatus.SUCCESS or record.snapshot_id is None:
+        raise JobConflict(f"backup {record.id} is {record.status}, not success")
+    return record.snapshot_id
+
+
+class Browser:
+    """What the API asks of backups' trees."""
+
+    def __init__(self, cache: TreeCache) -> None:
+        self.cache = cache
+
+    async def level(self, record: BackupRecord, path: str, after: str | None, limit: int) -> Level:
+        """Returns one page of the folder `path` of a successful backup.
+
+        Raises JobConflict (not a success), NotInBackup (no such folder), ResticError.
+        """
+        snapshot_id = _browsable(record)
+        cleaned = clean_path(path)
+        tree = await self.cache.tree(snapshot_id)
+        entries, next_after = tree.level(cleaned, after, limit)
+        items = [
+            {"name": name, "type": kind, "size": size, "mtime": mtime}
+            for name, kind, size, mtime in entries
+        ]
+        return Level(cleaned, items, next_after)
+
+    async def first_missing(self, record: BackupRecord, entries: Sequence[str]) -> str | None:
+        """Returns the first of `entries` (cleaned paths) not in the backup's tree, or None.
+
+        Raises JobConflict (not a success) or ResticError.
+        """
+        if not entries:
+            return None
+        tree = await self.cache.tree(_browsable(record))
+        for entry in entries:
+            if entry == "" or tree.find(entry) is None:
+                return entry
+        return None
