@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fa_restic.jobs.backup import Source, run_backup
+from fa_restic.jobs.direct import Destination, restore_directly, staging_reason
 from fa_restic.jobs.models import BackupRecord, JobRecord, Progress, RestoreRecord
 from fa_restic.jobs.ports import ResticRunner
 from fa_restic.jobs.records import JobKey, Records
@@ -46,6 +47,9 @@ class Settings:
     data_root: Path
     lock_wait_seconds: float
     confine_backups: bool
+    restore_direct: bool | None = None
+    """None: restores go straight into dst wherever that is safe (jobs.direct), else staged;
+    False: always staged; True: straight into dst wherever restic can be confined (tests)."""
 
 
 @dataclass(frozen=True)
@@ -194,6 +198,10 @@ class Execution:
         home = home_of(self.settings.data_root, record.user)
         await asyncio.to_thread(make_folder, target, home)
         on_progress, on_start = self._handlers(key, record)
+        staged_because = await self._staging_reason(record, home)
+        if staged_because is None:
+            return await self._restore_directly(record, on_progress, on_start)
+        log.info("restore %d: staged (%s)", record.id, staged_because)
         running = [
             other.id
             for other in self.records.restores.values()
@@ -214,6 +222,42 @@ class Execution:
         # symlinks (fa_restic.jobs.staging explains why, for every restic version).
         restored = await staged_restore(
             self.settings.data_root, record.id, home, target, restore_into, active=running
+        )
+        return JobResult(restored.bytes_restored, 0, restored.files_restored, "")
+
+    async def _staging_reason(self, record: RestoreRecord, home: Path) -> str | None:
+        """Returns None when the restore goes straight into dst, else why it is staged."""
+        if self.settings.restore_direct is False:
+            return "direct restores are turned off"
+        confined = self.settings.confine_backups
+        if self.settings.restore_direct and confined:
+            return None
+        return await asyncio.to_thread(
+            staging_reason, self.restic, confined=confined, overwrite=record.overwrite, home=home
+        )
+
+    async def _restore_directly(
+        self,
+        record: RestoreRecord,
+        on_progress: Callable[[Progress], None],
+        on_start: Callable[[int], Awaitable[None]],
+    ) -> JobResult:
+        """Restores with restic writing into dst itself (fa_restic.jobs.direct)."""
+        log.info("restore %d: direct into %r", record.id, record.dst_path)
+        root = await asyncio.to_thread(os.path.realpath, users_root(self.settings.data_root))
+        into = Destination(Path(root), record.user, Path(record.dst_path))
+        restored = await retry_transient(
+            lambda: restore_directly(
+                self.restic,
+                record.snapshot_id,
+                into,
+                on_progress,
+                on_start,
+                include=record.include,
+                overwrite=record.overwrite,
+            ),
+            self.settings.lock_wait_seconds,
+            f"restore {record.id}",
         )
         return JobResult(restored.bytes_restored, 0, restored.files_restored, "")
 

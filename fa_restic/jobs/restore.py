@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import Awaitable, Callable
+import stat
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 from fa_restic.jobs.models import Progress
@@ -15,6 +16,7 @@ from fa_restic.restic.client import RestoreResult
 from fa_restic.restic.errors import ResticError
 from fa_restic.restic.features import Feature
 from fa_restic.restic.messages import RestoreStatus
+from fa_restic.restic.sandbox import Confinement
 
 ProgressHandler = Callable[[Progress], None]
 StartHandler = Callable[[int], Awaitable[None]]
@@ -43,13 +45,19 @@ def make_folder(target: Path, owner_of: Path) -> None:
 
 
 def tree_bytes(root: Path) -> int:
-    """Returns the bytes of regular files below `root` that are on disk (sparse-aware)."""
+    """Returns the bytes of regular files below `root` that are on disk (sparse-aware).
+
+    Walks by folder descriptors and follows no symlink (os.fwalk): `root` may be a user's
+    dst, where a folder swapped for a symlink must not make root measure another tree.
+    """
     total = 0
-    for folder, _, files in os.walk(root):
-        for name in files:
-            with contextlib.suppress(OSError):
-                status = os.lstat(os.path.join(folder, name))
-                total += min(status.st_size, status.st_blocks * 512)
+    with contextlib.suppress(OSError):
+        for _, _, files, folder in os.fwalk(root, follow_symlinks=False):
+            for name in files:
+                with contextlib.suppress(OSError):
+                    status = os.stat(name, dir_fd=folder, follow_symlinks=False)
+                    if stat.S_ISREG(status.st_mode):
+                        total += min(status.st_size, status.st_blocks * 512)
     return total
 
 
@@ -58,7 +66,8 @@ async def poll_progress(
 ) -> None:
     """Reports restore progress from the bytes written under `target`, until cancelled.
 
-    For restic < 0.16, which prints no restore status.
+    For restic < 0.16, which prints no restore status. `target` is a staging folder or,
+    for a restore straight into dst, dst itself: bytes already there are not counted.
     """
     baseline = await asyncio.to_thread(tree_bytes, target)
     try:
@@ -89,11 +98,17 @@ async def run_restore(
     target: Path,
     on_progress: ProgressHandler,
     on_start: StartHandler,
+    *,
+    confinement: Confinement | None = None,
+    include: Sequence[str] = (),
+    overwrite: str | None = None,
 ) -> RestoreResult:
-    """Restores a snapshot into `target`; returns what was restored, raises ResticError.
+    """Restores a snapshot (only `include`, if given) into `target`; returns what was
+    restored, raises ResticError.
 
-    `target` is restic's own target: a staging folder (see fa_restic.jobs.staging), never
-    a folder of a user's.
+    `target` is restic's own target: a staging folder (see fa_restic.jobs.staging), or dst
+    with `confinement` (fa_restic.jobs.direct), never a user's folder without one.
+    `overwrite` is restic's own `--overwrite`, for the direct path.
     """
 
     def on_status(status: RestoreStatus) -> None:
@@ -103,7 +118,15 @@ async def run_restore(
     if not restic.has(Feature.RESTORE_PROGRESS_JSON):
         poller = asyncio.create_task(poll_progress(restic, snapshot_id, target, on_progress))
     try:
-        return await restic.restore(snapshot_id, target, on_status=on_status, on_start=on_start)
+        return await restic.restore(
+            snapshot_id,
+            target,
+            on_status=on_status,
+            on_start=on_start,
+            confinement=confinement,
+            include=include,
+            overwrite=overwrite,
+        )
     finally:
         if poller is not None:
             poller.cancel()

@@ -1,13 +1,16 @@
-"""Restores never write through a symlink a user put in their home (fa_restic.jobs.staging).
+"""Restores never write through a symlink a user put in their home, on both restore paths.
 
-The service often runs as root: restic restores into a private staging folder, and the
-staged tree is moved into dst by folder descriptors. These tests use the real restic
-(every version under test) and compare what lands byte for byte.
+The service often runs as root. Staged (fa_restic.jobs.staging): restic restores into a
+private staging folder, and the staged tree is moved into dst by folder descriptors.
+Direct (fa_restic.jobs.direct): restic writes into a nosymfollow mount of dst alone. The
+API tests run on both paths (forced, so that every restic version takes each), with the
+real restic (every version under test), and compare what lands byte for byte.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import os
 import shutil
@@ -23,6 +26,7 @@ from typing import Any
 
 import pytest
 
+from fa_restic.api.app import SERVICE_KEY
 from fa_restic.jobs import staging
 from fa_restic.jobs.staging import StagingError, make_staging, merge_and_remove, merge_into
 from tests.conftest import Api
@@ -38,6 +42,26 @@ USER_ID = 4321
 """A uid/gid nobody on the machine has: the home's owner in these tests."""
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="owners can only be given by root")
+
+
+def take_path(api: Api, path: str) -> None:
+    """Makes the service restore `direct` into dst or `staged`, whatever it would choose."""
+    execution = api.client.app[SERVICE_KEY].execution
+    execution.settings = dataclasses.replace(execution.settings, restore_direct=(path == "direct"))
+
+
+@pytest.fixture(params=["direct", "staged"])
+def restore_path(request: pytest.FixtureRequest) -> str:
+    """Each restore path: straight into dst (confined restic) and through staging."""
+    return str(request.param)
+
+
+@pytest.fixture
+async def api(make_api: Any, restic_binary: str, restore_path: str) -> Api:
+    """A service on each restic version, restoring on each path."""
+    service: Api = await make_api(restic_binary)
+    take_path(service, restore_path)
+    return service
 
 
 def staging_left(api: Api) -> list[str]:
@@ -99,11 +123,12 @@ async def test_planted_symlink_is_replaced_and_nothing_lands_outside(
 
 
 async def test_a_symlink_swapped_into_dst_after_acceptance_fails_the_restore(
-    make_api: Any, restic_binary: str, tmp_path: Path
+    make_api: Any, restic_binary: str, restore_path: str, tmp_path: Path
 ) -> None:
     """dst's parent turned into a symlink while the restore waits: restic 0.18 itself would
     follow it; the service refuses and writes nothing outside."""
     api: Api = await make_api(restic_binary, max_running=1)
+    take_path(api, restore_path)
     home = api.home("alice")
     make_small_tree(home / "small")
     make_random_tree(home / "big", 96 << 20)
@@ -211,7 +236,7 @@ async def test_cancelled_restore_keeps_partial_files_and_no_staging(api: Api) ->
     async def staged_or_done() -> bool:
         running = (await api.job("restore", 1))["data"]["status"] == "running"
         staged = any((api.data_root / staging.STAGING_FOLDER).rglob("*.bin"))
-        return staged or not running
+        return staged or any((home / "out").rglob("*.bin")) or not running
 
     await eventually(staged_or_done, bool, timeout=30, interval=0.02)
 
@@ -389,6 +414,7 @@ def test_leftover_staging_of_a_killed_service_is_swept(layout: dict[str, Path]) 
 _AS_NOBODY = """
 import os, sys
 from pathlib import Path
+from fa_restic.api.app import SERVICE_KEY
 from fa_restic.jobs import staging
 os.setgid(65534)
 os.setuid(65534)
