@@ -127,15 +127,14 @@ class StateStore:
         segments = sorted(self._segments())
         for _, segment in segments:
             self._replay(segment)
-        if self.journal_path.exists():
-            self._replay(self.journal_path)
+        whole = self._replay(self.journal_path) if self.journal_path.exists() else 0
         make_folders(self.path.parent)
         self._segment = max((number for number, _ in segments), default=0) + 1
         if migrate or segments:
             # A first start, a state file of version 1, or a compaction cut short: fold now.
             self._compact_now()
         else:
-            self._open_journal()
+            self._open_journal(whole)
         return {name: dict(records) for name, records in self._hot.items()}
 
     def _segments(self) -> Iterator[tuple[int, Path]]:
@@ -198,7 +197,8 @@ class StateStore:
         for code, count in labels.items():
             self._counts[name][index.labels[code]] += count
 
-    def _replay(self, journal: Path) -> None:
+    def _replay(self, journal: Path) -> int:
+        """Applies a journal's whole lines; returns the length they take."""
         raw = journal.read_bytes()
         lines = raw.split(b"\n")
         # The last piece has no newline: an append cut short by a crash, never acknowledged.
@@ -212,6 +212,7 @@ class StateStore:
                     f"state journal {journal} line {number} is unreadable ({error}); "
                     "it was left as it is: fix or remove the line, or run `fa-restic rebuild-state`"
                 ) from None
+        return raw.rfind(b"\n") + 1
 
     # -- the records in memory -----------------------------------------------------------
 
@@ -392,9 +393,12 @@ class StateStore:
 
     # -- writing -------------------------------------------------------------------------
 
-    def _open_journal(self) -> None:
+    def _open_journal(self, whole: int) -> None:
+        """Opens the journal to append to, its first `whole` bytes kept: a line cut short
+        by a crash (never acknowledged) must not glue itself to the next one."""
         self._journal = open_private(self.journal_path, os.O_WRONLY | os.O_APPEND)
-        self._journal_bytes = os.fstat(self._journal).st_size
+        os.ftruncate(self._journal, whole)
+        self._journal_bytes = whole
 
     def _append(self, batch: list[Operation]) -> int:
         line = dumps({"ops": [encode(operation) for operation in batch]}) + b"\n"

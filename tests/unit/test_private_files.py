@@ -43,7 +43,7 @@ async def test_compaction_writes_a_private_file(
 ) -> None:
     from fa_restic.store import state as state_module
 
-    monkeypatch.setattr(state_module, "MIN_COMPACTION_LINES", 3)
+    monkeypatch.setattr(state_module, "MIN_JOURNAL_BYTES", 10)
     seen: list[int] = []
     replace = os.replace
 
@@ -56,6 +56,7 @@ async def test_compaction_writes_a_private_file(
     store.load()
     for key in range(5):
         await store.write([Put("backups", str(key), {"n": key})])
+        await store.settled()
     store.close()
     assert len(seen) >= 2 and set(seen) == {0o600}, seen
     assert _mode(store.path) == 0o600 and _mode(store.journal_path) == 0o600

@@ -89,6 +89,9 @@ def test_a_journal_line_cut_short_at_the_end_is_ignored(path: Path) -> None:
         handle.write(line[: len(line) // 2])
     assert _reload(path) == {"backup": {"1": _record(1), "2": _record(2)}}
     assert _reload(path) == {"backup": {"1": _record(1), "2": _record(2)}}
+    # The next write starts a line of its own.
+    _written(path, [Put("backup", "4", _record(4))])
+    assert _reload(path) == {"backup": {"1": _record(1), "2": _record(2), "4": _record(4)}}
 
 
 def test_a_corrupt_middle_journal_line_is_an_error_and_nothing_is_touched(
