@@ -18,6 +18,7 @@ from fa_restic.api.app import SERVICE_KEY
 from fa_restic.config import load_settings, parse_settings
 from fa_restic.jobs.cancelling import CANCEL_CHUNK
 from fa_restic.jobs.models import BackupRecord, utc_now
+from fa_restic.jobs.records import LAYOUT
 from fa_restic.jobs.service import Caller, JobOptions, JobService
 from fa_restic.metrics import Metrics
 from fa_restic.names import JobKind, JobStatus
@@ -118,7 +119,7 @@ async def make_service(folder: Path, restic_binary: str) -> JobService:
     settings = parse_settings(
         {"restic": {"binary": restic_binary}, "paths": {"state_file": "state.json"}}, folder, {}
     )
-    store = StateStore(settings.paths.state_file)
+    store = StateStore(settings.paths.state_file, LAYOUT)
     await asyncio.to_thread(store.load)
     restic = await make_restic(settings)
     return JobService(JobOptions(max_running=1), store, restic, Metrics(str(restic.version)))
@@ -167,15 +168,20 @@ async def test_cancel_all_of_twenty_thousand_never_holds_the_loop(
 
     assert cancelled == list(range(1, count + 1))
     assert service.scheduler.queued_count == 0
-    assert all(record.status is JobStatus.CANCEL for record in service.backups.values())
+    assert service.backups == {}, "finished records leave memory"
+    assert service.records.status_counts()["backup"] == {"cancel": count}
     assert "pending" in looked and "cancel" in looked, "GETs were answered during the cancel"
     print(f"cancel-all of {count}: {took:.2f}s, {during} turns of the loop meanwhile")
     # At least one turn per step of CANCEL_CHUNK jobs: the loop is never held for more
     # than one step's work (~250 jobs, a few milliseconds).
     assert during >= count // CANCEL_CHUNK, during
     await asyncio.to_thread(service.store.close)
-    again = StateStore(service.store.path)
+    again = StateStore(service.store.path, LAYOUT)
     reloaded = await asyncio.to_thread(again.load)
-    await asyncio.to_thread(again.close)
-    statuses = {value["status"] for value in reloaded["backup"].values()}
-    assert statuses == {"cancel"} and len(reloaded["backup"]) == count
+    try:
+        assert reloaded.get("backup", {}) == {}, "no live record left"
+        assert again.counts("backup") == {"cancel": count}
+        stored = again.read("backup", "7")
+        assert stored is not None and stored["status"] == "cancel"
+    finally:
+        await asyncio.to_thread(again.close)
