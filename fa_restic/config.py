@@ -52,6 +52,8 @@ class ResticSettings(_Section):
     binary: str = "restic"
     cache_dir: Path = Path("var/cache")
     progress_fps: Annotated[float, Field(gt=0, le=60)] = 2.0
+    browse_cache_bytes: Annotated[int, Field(ge=0)] = 256 << 20
+    """Memory for cached backup trees (GET /backup/{id}/files, include checks); 0: none kept."""
 
 
 class JobSettings(_Section):

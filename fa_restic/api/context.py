@@ -13,6 +13,7 @@ from fa_restic.jobs.service import Caller
 CALLER_KEY = web.RequestKey("caller", Caller)
 JOB_ID_KEY = web.RequestKey("job_id", int)
 BODY_KEY = web.RequestKey("body", RequestBody)
+QUERY_KEY = web.RequestKey("query", RequestBody)
 
 Body = TypeVar("Body", bound=RequestBody)
 
@@ -32,3 +33,10 @@ def body_of(request: web.Request, model: type[Body]) -> Body:
     body = request[BODY_KEY]
     assert isinstance(body, model), f"the route's body is {type(body).__name__}"
     return body
+
+
+def query_of(request: web.Request, model: type[Body]) -> Body:
+    """Returns the URL's query, parsed as the route's row says; `model` is that same model."""
+    query = request[QUERY_KEY]
+    assert isinstance(query, model), f"the route's query is {type(query).__name__}"
+    return query

@@ -13,12 +13,14 @@ from typing import Any
 from aiohttp import web
 
 from fa_restic.api.auth import Authenticator
-from fa_restic.api.context import body_of, caller_of, job_id_of
-from fa_restic.api.errors import ApiError, success
+from fa_restic.api.context import body_of, caller_of, job_id_of, query_of
+from fa_restic.api.errors import ApiError, forbidden, success
 from fa_restic.api.paths import PathResolver
 from fa_restic.api.views import (
     BackupRequest,
     CancelRequest,
+    FilesQuery,
+    ListQuery,
     RestoreRequest,
     backup_view,
     restore_view,
@@ -74,8 +76,31 @@ class Handlers:
         # realpath and stat can block on a slow file system: not on the event loop, and not
         # on the shared thread pool either (PathResolver).
         path = await self.paths.resolve(caller.user, body.path, must_exist=True)
-        record = await self.service.submit_backup(caller, body.id, path)
+        record = await self.service.submit_backup(caller, body.id, path, body.exclude)
         return success(self._view(caller, record))
+
+    async def _list(self, request: web.Request, kind: JobKind) -> web.Response:
+        caller, query = caller_of(request), query_of(request, ListQuery)
+        if query.user is not None and query.user != caller.user and not caller.admin:
+            raise forbidden("user= needs an admin token")
+        records, next_after = self.service.page(
+            caller, kind, query.user, status=query.status, after=query.after, limit=query.limit
+        )
+        items = [self._view(caller, record) for record in records]
+        return success({"items": items, "next_after": next_after})
+
+    async def list_backups(self, request: web.Request) -> web.Response:
+        return await self._list(request, JobKind.BACKUP)
+
+    async def list_restores(self, request: web.Request) -> web.Response:
+        return await self._list(request, JobKind.RESTORE)
+
+    async def list_files(self, request: web.Request) -> web.Response:
+        caller, query = caller_of(request), query_of(request, FilesQuery)
+        level = await self.service.files(
+            caller, job_id_of(request), query.path, after=query.after, limit=query.limit
+        )
+        return success({"path": level.path, "items": level.items, "next_after": level.next_after})
 
     async def get_backup(self, request: web.Request) -> web.Response:
         caller = caller_of(request)
@@ -113,7 +138,9 @@ class Handlers:
         target = await self.paths.resolve(
             caller.user, body.dst_path, must_exist=False, folder=True, field="dst_path"
         )
-        record = await self.service.submit_restore(caller, body.restore_id, body.backup_id, target)
+        record = await self.service.submit_restore(
+            caller, body.restore_id, body.backup_id, target, body.include, body.overwrite
+        )
         return success(self._view(caller, record))
 
     async def get_restore(self, request: web.Request) -> web.Response:

@@ -10,11 +10,11 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from fa_restic.api.auth import Authenticator
-from fa_restic.api.context import BODY_KEY, CALLER_KEY, JOB_ID_KEY
+from fa_restic.api.context import BODY_KEY, CALLER_KEY, JOB_ID_KEY, QUERY_KEY
 from fa_restic.api.errors import ApiError, RequestRefused, envelope, forbidden
 from fa_restic.api.paths import PathRefused
 from fa_restic.api.routes import METHOD_AND_PATH_TO_ROUTE, Auth, Route
-from fa_restic.api.views import parse_body, parse_id
+from fa_restic.api.views import parse_body, parse_id, parse_query
 from fa_restic.jobs.errors import JobError, UnknownJob
 from fa_restic.names import NOT_FOUND_CODE
 from fa_restic.restic.errors import ResticError
@@ -50,6 +50,8 @@ async def _prepare(request: web.Request, route: Route, authenticator: Authentica
         if job_id is None:
             raise RequestRefused("id must be a positive integer")
         request[JOB_ID_KEY] = job_id
+    if route.query is not None:
+        request[QUERY_KEY] = parse_query(dict(request.query), route.query)
     if route.body is not None:
         request[BODY_KEY] = parse_body(await request.read(), route.body)
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from pydantic import BaseModel
+
 from fa_restic.api.routes import ROUTES, Auth, Route
-from fa_restic.names import API_PREFIX, MAX_ID, JobStatus
+from fa_restic.names import API_PREFIX, MAX_ID, JobStatus, Overwrite
 
 ENVELOPE_REF = "#/components/schemas/Envelope"
 
@@ -62,8 +64,53 @@ SCHEMAS: dict[str, Any] = {
     "Progress": _PROGRESS,
     "Backup": {
         "type": "object",
-        "properties": {"id": _ID, "path": {"type": "string"}, **_JOB_COMMON},
+        "properties": {
+            "id": _ID,
+            "path": {"type": "string"},
+            "exclude": {"type": "array", "items": {"type": "string"}},
+            **_JOB_COMMON,
+        },
         "required": ["id", "path", "status", "stat", "extra"],
+    },
+    "BackupPage": {
+        "type": "object",
+        "properties": {
+            "items": {"type": "array", "items": {"$ref": "#/components/schemas/Backup"}},
+            "next_after": {**_ID, "type": ["integer", "null"]},
+        },
+        "required": ["items", "next_after"],
+    },
+    "RestorePage": {
+        "type": "object",
+        "properties": {
+            "items": {"type": "array", "items": {"$ref": "#/components/schemas/Restore"}},
+            "next_after": {**_ID, "type": ["integer", "null"]},
+        },
+        "required": ["items", "next_after"],
+    },
+    "Files": {
+        "type": "object",
+        "properties": {
+            "path": {"type": "string", "description": "relative to what was backed up"},
+            "items": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "name": {"type": "string"},
+                        "type": {
+                            "type": "string",
+                            "description": "file, dir, symlink, dev, chardev, fifo, socket",
+                        },
+                        "size": {"type": "integer", "minimum": 0},
+                        "mtime": {"type": "string", "format": "date-time"},
+                    },
+                    "required": ["name", "type", "size", "mtime"],
+                },
+            },
+            "next_after": {"type": ["string", "null"]},
+        },
+        "required": ["path", "items", "next_after"],
     },
     "Restore": {
         "type": "object",
@@ -71,6 +118,8 @@ SCHEMAS: dict[str, Any] = {
             "restore_id": _ID,
             "backup_id": _ID,
             "dst_path": {"type": "string"},
+            "include": {"type": "array", "items": {"type": "string"}},
+            "overwrite": {"type": "string", "enum": [policy.value for policy in Overwrite]},
             **_JOB_COMMON,
         },
         "required": ["restore_id", "backup_id", "dst_path", "status", "stat", "extra"],
@@ -113,9 +162,20 @@ SCHEMAS: dict[str, Any] = {
         },
         "required": ["restic_version", "repository", "pending", "running"],
     },
-    # The request bodies, as the route table names them.
-    **{route.body.__name__: route.body.model_json_schema() for route in ROUTES if route.body},
 }
+
+_REF_TEMPLATE = "#/components/schemas/{model}"
+
+
+def _model_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """Returns a model's JSON Schema; the schemas it refers to (enums) go to SCHEMAS."""
+    schema = model.model_json_schema(ref_template=_REF_TEMPLATE)
+    SCHEMAS.update(schema.pop("$defs", {}))
+    return schema
+
+
+# The request bodies, as the route table names them.
+SCHEMAS.update({route.body.__name__: _model_schema(route.body) for route in ROUTES if route.body})
 
 
 def _envelope(description: str, data: str | None = None) -> dict[str, Any]:
@@ -162,8 +222,15 @@ def _operation(route: Route) -> dict[str, Any]:
     }
     if route.alias_of:
         operation["description"] = f"The same as {route.alias_of}."
+    parameters: list[dict[str, Any]] = []
     if route.takes_id:
-        operation["parameters"] = [{"name": "id", "in": "path", "required": True, "schema": _ID}]
+        parameters.append({"name": "id", "in": "path", "required": True, "schema": _ID})
+    if route.query is not None:
+        for name, field in _model_schema(route.query)["properties"].items():
+            field.pop("title", None)
+            parameters.append({"name": name, "in": "query", "required": False, "schema": field})
+    if parameters:
+        operation["parameters"] = parameters
     if route.body is not None:
         schema = {"$ref": f"#/components/schemas/{route.body.__name__}"}
         operation["requestBody"] = {

@@ -16,7 +16,14 @@ from enum import Enum
 from aiohttp import web
 
 from fa_restic.api.handlers import Handlers
-from fa_restic.api.views import BackupRequest, CancelRequest, RequestBody, RestoreRequest
+from fa_restic.api.views import (
+    BackupRequest,
+    CancelRequest,
+    FilesQuery,
+    ListQuery,
+    RequestBody,
+    RestoreRequest,
+)
 from fa_restic.names import API_PREFIX
 
 Handler = Callable[[Handlers, web.Request], Awaitable[web.StreamResponse]]
@@ -55,6 +62,8 @@ class Route:
     auth: Auth = Auth.USER
     body: type[RequestBody] | None = None
     """The JSON body the middleware parses before the handler runs; None: the body is ignored."""
+    query: type[RequestBody] | None = None
+    """The URL query the middleware parses before the handler runs; None: it is ignored."""
     data: str | None = None
     """The schema (api.openapi.SCHEMAS) of the envelope's `data` on success."""
     unknown_id_answers_4001: bool = False
@@ -117,6 +126,15 @@ _POST_RESTORE = Route(
 # Order matters: fixed paths before `{id}`, so `repo-destroyed` is not read as an id.
 ROUTES: tuple[Route, ...] = (
     _POST_BACKUP,
+    Route(
+        "GET",
+        f"{API_PREFIX}/backup",
+        Handlers.list_backups,
+        "Your backups, newest id first, a page at a time",
+        LOAD_BACKUP,
+        query=ListQuery,
+        data="BackupPage",
+    ),
     alias(_POST_BACKUP, f"{API_PREFIX}/backup/new"),
     Route(
         "POST",
@@ -153,6 +171,16 @@ ROUTES: tuple[Route, ...] = (
     ),
     Route(
         "GET",
+        f"{API_PREFIX}/backup/{{id}}/files",
+        Handlers.list_files,
+        "One folder of a successful backup, a page at a time",
+        LOAD_BACKUP,
+        query=FilesQuery,
+        data="Files",
+        unknown_id_answers_4001=True,
+    ),
+    Route(
+        "GET",
         f"{API_PREFIX}/backup/{{id}}",
         Handlers.get_backup,
         "A backup's status, sizes and progress",
@@ -169,6 +197,15 @@ ROUTES: tuple[Route, ...] = (
         data="Deleted",
     ),
     _POST_RESTORE,
+    Route(
+        "GET",
+        f"{API_PREFIX}/restore",
+        Handlers.list_restores,
+        "Your restores, newest id first, a page at a time",
+        LOAD_RESTORE,
+        query=ListQuery,
+        data="RestorePage",
+    ),
     alias(_POST_RESTORE, f"{API_PREFIX}/restore/new"),
     Route(
         "POST",

@@ -7,13 +7,62 @@ import re
 from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+)
 
-from fa_restic.api.errors import RequestRefused
+from fa_restic.api.errors import RequestRefused, clip
+from fa_restic.api.paths import PathRefused, check_limits
 from fa_restic.jobs.models import BackupRecord, JobRecord, Progress, RestoreRecord, rfc3339
-from fa_restic.names import MAX_ID
+from fa_restic.names import MAX_ID, JobStatus, Overwrite
 
 JobId = Annotated[StrictInt, Field(gt=0, le=MAX_ID)]
+
+MAX_EXCLUDES = 100
+MAX_PATTERN_BYTES = 255
+MAX_INCLUDES = 1000
+"""A selective restore's entries; the 1 MiB body bounds their bytes (restic's argv)."""
+MAX_LIMIT = 1000
+DEFAULT_LIMIT = 100
+
+
+def _check_excludes(patterns: list[str]) -> list[str]:
+    """Returns restic exclude patterns as given; raises ValueError (the first bad one)."""
+    if len(patterns) > MAX_EXCLUDES:
+        raise ValueError(f"at most {MAX_EXCLUDES} patterns ({len(patterns)} given)")
+    for pattern in patterns:
+        if "\x00" in pattern or len(pattern.encode("utf-8", "replace")) > MAX_PATTERN_BYTES:
+            raise ValueError(
+                f"pattern {clip(pattern)!r} holds a NUL or is longer than {MAX_PATTERN_BYTES} bytes"
+            )
+        parts = pattern.removeprefix("!").split("/")
+        if not pattern.removeprefix("!").strip("/") or ".." in parts or "." in parts:
+            # `/`, `.` or `..` would reach the backed-up folder itself or above it.
+            raise ValueError(f"pattern {clip(pattern)!r} names no entry below the backup")
+    return patterns
+
+
+def _check_include(entries: list[str]) -> list[str]:
+    """Returns a selective restore's entries as given; raises ValueError (the first bad one)."""
+    if len(entries) > MAX_INCLUDES:
+        raise ValueError(f"at most {MAX_INCLUDES} entries ({len(entries)} given)")
+    for entry in entries:
+        try:
+            check_limits(entry, "entry")
+        except PathRefused as error:
+            raise ValueError(f"{clip(entry)!r}: {error}") from None
+        parts = [part for part in entry.split("/") if part not in ("", ".")]
+        if "\x00" in entry or ".." in parts or not parts:
+            raise ValueError(
+                f"{clip(entry)!r} is not a path in the backup (relative, no '..', no NUL)"
+            )
+    return entries
 
 
 class RequestBody(BaseModel):
@@ -26,12 +75,44 @@ class RequestBody(BaseModel):
 class BackupRequest(RequestBody):
     id: JobId
     path: StrictStr
+    exclude: Annotated[list[StrictStr], AfterValidator(_check_excludes)] = Field(
+        default_factory=list,
+        description=f"restic --exclude patterns relative to `path`; at most {MAX_EXCLUDES} "
+        f"of at most {MAX_PATTERN_BYTES} bytes",
+    )
 
 
 class RestoreRequest(RequestBody):
     restore_id: JobId
     backup_id: JobId
     dst_path: StrictStr
+    include: Annotated[list[StrictStr], AfterValidator(_check_include)] = Field(
+        default_factory=list,
+        description="only these entries (relative to what was backed up; a folder brings "
+        "its contents); each must be in the backup. Empty: everything",
+    )
+    overwrite: Overwrite = Field(
+        default=Overwrite.ALWAYS, description="what happens to a file already in dst_path"
+    )
+
+
+class ListQuery(RequestBody):
+    """The query of `GET /backup` and `GET /restore` (strings, read leniently)."""
+
+    status: JobStatus | None = None
+    limit: Annotated[int, Field(ge=1, le=MAX_LIMIT)] = DEFAULT_LIMIT
+    after: Annotated[int, Field(gt=0, le=MAX_ID)] | None = Field(
+        default=None, description="the `next_after` of the previous page"
+    )
+    user: str | None = Field(default=None, description="admin tokens only: one user's")
+
+
+class FilesQuery(RequestBody):
+    """The query of `GET /backup/{id}/files`."""
+
+    path: str = Field(default="", description="a folder in the backup; empty: its top")
+    limit: Annotated[int, Field(ge=1, le=MAX_LIMIT)] = DEFAULT_LIMIT
+    after: str | None = Field(default=None, description="the `next_after` of the previous page")
 
 
 class CancelRequest(RequestBody):
@@ -111,9 +192,23 @@ def describe_validation(error: ValidationError) -> str:
         return f"{field}: required"
     if first["type"] == "model_type":
         return "body must be a JSON object"
+    if first["type"] == "value_error":
+        return f"{field}: {first['ctx']['error']}"
+    if field == "limit" or first["type"] == "enum":
+        return f"{field}: {first['msg'].lower()}"
     if field.endswith("id") or first["type"].startswith(("int", "greater", "less")):
         return f"{field}: must be a positive integer"
     return f"{field}: {first['msg'].lower()}"
+
+
+def parse_query(query: dict[str, str], model: type[Model]) -> Model:
+    """Returns a URL's query as `model`; raises BodyRefused (`field: reason`)."""
+    for value in query.values():
+        _check_value(value)
+    try:
+        return model.model_validate(query)
+    except ValidationError as error:
+        raise BodyRefused(describe_validation(error)) from None
 
 
 def parse_id(text: str) -> int | None:
@@ -146,6 +241,7 @@ def backup_view(
     return {
         "id": record.id,
         "path": record.path,
+        "exclude": record.exclude,
         **_common(record, progress, show),
         "snapshot_id": record.snapshot_id,
     }
@@ -159,6 +255,8 @@ def restore_view(
         "restore_id": record.id,
         "backup_id": record.backup_id,
         "dst_path": record.dst_path,
+        "include": record.include,
+        "overwrite": record.overwrite.value,
         **_common(record, progress, show),
         "snapshot_id": record.snapshot_id,
     }

@@ -181,7 +181,9 @@ class Execution:
         root = await asyncio.to_thread(os.path.realpath, users_root(self.settings.data_root))
         source = Source(root, record.user, record.path, self.settings.confine_backups)
         outcome = await retry_transient(
-            lambda: run_backup(self.restic, record.id, source, on_progress, on_start),
+            lambda: run_backup(
+                self.restic, record.id, source, on_progress, on_start, record.exclude
+            ),
             self.settings.lock_wait_seconds,
             f"backup {record.id}",
         )
@@ -211,7 +213,12 @@ class Execution:
         async def restore_into(staging: Path) -> RestoreResult:
             return await retry_transient(
                 lambda: run_restore(
-                    self.restic, record.snapshot_id, staging, on_progress, on_start
+                    self.restic,
+                    record.snapshot_id,
+                    staging,
+                    on_progress,
+                    on_start,
+                    include=record.include,
                 ),
                 self.settings.lock_wait_seconds,
                 f"restore {record.id}",
@@ -221,7 +228,13 @@ class Execution:
         # private staging folder, whose tree is then moved into dst without following
         # symlinks (fa_restic.jobs.staging explains why, for every restic version).
         restored = await staged_restore(
-            self.settings.data_root, record.id, home, target, restore_into, active=running
+            self.settings.data_root,
+            record.id,
+            home,
+            target,
+            restore_into,
+            active=running,
+            overwrite=record.overwrite,
         )
         return JobResult(restored.bytes_restored, 0, restored.files_restored, "")
 

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from fa_restic.jobs.browse import Browser, NotInBackup, clean_path, shown
 from fa_restic.jobs.errors import JobConflict, UnknownJob
 from fa_restic.jobs.models import BackupRecord, JobRecord, RestoreRecord, utc_now
 from fa_restic.jobs.records import Records, key_of
 from fa_restic.jobs.scheduler import Scheduler
-from fa_restic.names import JobStatus
+from fa_restic.names import JobStatus, Overwrite
 
 log = logging.getLogger("fa_restic.jobs")
 
@@ -27,16 +29,29 @@ class Caller:
 class Intake:
     """Turns accepted requests into queued records; refuses what SPEC §5 and §9 refuse."""
 
-    def __init__(self, records: Records, scheduler: Scheduler, max_pending_per_user: int) -> None:
+    def __init__(
+        self,
+        records: Records,
+        scheduler: Scheduler,
+        max_pending_per_user: int,
+        browser: Browser | None = None,
+    ) -> None:
         self.records = records
         self.scheduler = scheduler
         self.max_pending_per_user = max_pending_per_user
+        self.browser = browser
+        """Checks a selective restore's entries against the backup's tree."""
         self._writing: dict[str, int] = {}
         """Per user, jobs accepted but not yet queued (their record is being written)."""
 
-    async def backup(self, caller: Caller, backup_id: int, path: Path) -> BackupRecord:
-        """Records a backup durably and queues it; raises JobConflict, OSError."""
-        existing = self.records.backups.get(backup_id)
+    async def backup(
+        self, caller: Caller, backup_id: int, path: Path, exclude: Sequence[str] = ()
+    ) -> BackupRecord:
+        """Records a backup durably and queues it; raises JobConflict, OSError.
+
+        `exclude`: restic patterns relative to `path` (checked by the API's request model).
+        """
+        existing = self.records.backup(backup_id)
         if existing is not None:
             if existing.user != caller.user:  # ids are global; say nothing of another's job
                 raise JobConflict(f"backup id {backup_id} is in use")
@@ -47,6 +62,7 @@ class Intake:
             id=backup_id,
             user=caller.user,
             path=str(path),
+            exclude=list(exclude),
             created_at=utc_now(),
             sequence=self.records.next_sequence(),
         )
@@ -55,15 +71,25 @@ class Intake:
         return record
 
     async def restore(
-        self, caller: Caller, restore_id: int, backup_id: int, target: Path
+        self,
+        caller: Caller,
+        restore_id: int,
+        backup_id: int,
+        target: Path,
+        include: Sequence[str] = (),
+        overwrite: Overwrite = Overwrite.ALWAYS,
     ) -> RestoreRecord:
-        """Records a restore durably and queues it; raises UnknownJob, JobConflict, OSError."""
-        backup = self.records.backups.get(backup_id)
+        """Records a restore durably and queues it; raises UnknownJob, JobConflict,
+        NotInBackup (an `include` entry the backup does not hold), ResticError (its tree
+        could not be read), OSError."""
+        backup = self.records.backup(backup_id)
         if backup is None or not caller.may_see(backup):
             raise UnknownJob(f"no such backup [ {backup_id} ]")
         if backup.status is not JobStatus.SUCCESS or backup.snapshot_id is None:
             raise JobConflict(f"backup {backup_id} is {backup.status}, not success")
-        existing = self.records.restores.get(restore_id)
+        entries = [clean_path(entry) for entry in include]
+        await self._check_entries(backup, entries)
+        existing = self.records.restore(restore_id)
         if existing is not None:
             if existing.user != caller.user:  # ids are global; say nothing of another's job
                 raise JobConflict(f"restore id {restore_id} is in use")
@@ -76,6 +102,8 @@ class Intake:
             backup_id=backup_id,
             dst_path=str(target),
             snapshot_id=backup.snapshot_id,
+            include=entries,
+            overwrite=overwrite,
             created_at=utc_now(),
             sequence=self.records.next_sequence(),
         )
@@ -88,6 +116,18 @@ class Intake:
             target,
         )
         return record
+
+    async def _check_entries(self, backup: JobRecord, entries: list[str]) -> None:
+        """Raises NotInBackup naming the first entry the backup's tree does not hold.
+
+        Before the checks of the restore id and the cap, which must have no await between
+        them and the record's write."""
+        if not entries or self.browser is None:
+            return
+        assert isinstance(backup, BackupRecord)
+        missing = await self.browser.first_missing(backup, entries)
+        if missing is not None:
+            raise NotInBackup(f"include: {shown(missing)} is not in backup {backup.id}")
 
     def _refuse_too_many(self, caller: Caller) -> None:
         """Raises JobConflict when a non-admin caller has `max_pending_per_user` jobs

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fa_restic.jobs import maintenance
+from fa_restic.jobs.browse import DEFAULT_BUDGET_BYTES, Browser, Level, TreeCache
 from fa_restic.jobs.cancelling import Canceller
 from fa_restic.jobs.errors import JobConflict, UnknownJob
 from fa_restic.jobs.execution import Execution, Settings, Stop
@@ -35,7 +36,7 @@ from fa_restic.jobs.removal import Removal
 from fa_restic.jobs.repository import Repository, RepositoryState
 from fa_restic.jobs.scheduler import ExclusiveWork, Scheduler
 from fa_restic.metrics import JobCounts, Metrics
-from fa_restic.names import JobKind, JobStatus
+from fa_restic.names import JobKind, JobStatus, Overwrite
 from fa_restic.restic.errors import ResticError
 from fa_restic.store import Collections, Store
 
@@ -59,6 +60,8 @@ class JobOptions:
     confine_backups: bool = True
     """Run backups' restic confined to the home (fa_restic.restic.sandbox); False only where
     that cannot be had and `[paths] allow_symlink_races` allows it."""
+    browse_cache_bytes: int = DEFAULT_BUDGET_BYTES
+    """The memory budget of the cached backup trees (jobs.browse)."""
 
 
 @dataclass
@@ -92,7 +95,10 @@ class JobService:
             after_cancel=self.upkeep.want_prune,
         )
         self.scheduler = Scheduler(options.max_running, self.execution.run, self._maintenance)
-        self.intake = Intake(self.records, self.scheduler, options.max_pending_per_user)
+        self.browser = Browser(TreeCache(restic, options.browse_cache_bytes))
+        self.intake = Intake(
+            self.records, self.scheduler, options.max_pending_per_user, self.browser
+        )
         self.canceller = Canceller(self.records, self.scheduler, self.execution, metrics)
         self.removal = Removal(
             self.records,
@@ -192,7 +198,7 @@ class JobService:
 
     def get(self, caller: Caller, kind: JobKind, job_id: int) -> JobRecord:
         """Returns a record the caller may see; raises UnknownJob."""
-        record = self.records.of(kind).get(job_id)
+        record = self.records.get((kind, job_id))
         if record is None or not caller.may_see(record):
             raise UnknownJob(f"no such record [ {job_id} ]")
         return record
@@ -213,17 +219,39 @@ class JobService:
         if self._stopping or self.repository.state is RepositoryState.DESTROYING:
             raise JobConflict("the repository is being destroyed or the service is stopping")
 
-    async def submit_backup(self, caller: Caller, backup_id: int, path: Path) -> BackupRecord:
+    def page(
+        self, caller: Caller, kind: JobKind, user: str | None = None, **filters: Any
+    ) -> tuple[list[JobRecord], int | None]:
+        """Returns Records.page of the caller's records (an admin's: `user`'s, or all)."""
+        return self.records.page(kind, user=user if caller.admin else caller.user, **filters)
+
+    async def files(self, caller: Caller, backup_id: int, path: str, **page: Any) -> Level:
+        """Returns a page of one folder of a backup (jobs.browse); raises UnknownJob,
+        JobConflict (not a success), NotInBackup, ResticError."""
+        return await self.browser.level(self.get_backup(caller, backup_id), path, **page)
+
+    async def submit_backup(
+        self, caller: Caller, backup_id: int, path: Path, exclude: list[str] | None = None
+    ) -> BackupRecord:
         """Records a backup durably and queues it; raises JobConflict if the id is in use."""
         self._refuse_while_busy()
-        return await self.intake.backup(caller, backup_id, path)
+        return await self.intake.backup(caller, backup_id, path, exclude or [])
 
     async def submit_restore(
-        self, caller: Caller, restore_id: int, backup_id: int, target: Path
+        self,
+        caller: Caller,
+        restore_id: int,
+        backup_id: int,
+        target: Path,
+        include: list[str] | None = None,
+        overwrite: Overwrite = Overwrite.ALWAYS,
     ) -> RestoreRecord:
-        """Records a restore durably and queues it; raises UnknownJob or JobConflict."""
+        """Records a restore durably and queues it; raises UnknownJob, JobConflict or
+        NotInBackup (an `include` entry the backup does not hold)."""
         self._refuse_while_busy()
-        return await self.intake.restore(caller, restore_id, backup_id, target)
+        return await self.intake.restore(
+            caller, restore_id, backup_id, target, include or [], overwrite
+        )
 
     async def cancel(self, caller: Caller, kind: JobKind, job_id: int) -> JobRecord:
         """Cancels a pending or running job and returns it once it is `cancel`.

@@ -79,7 +79,11 @@ def test_auth_rules() -> None:
 
 def test_only_gets_of_an_id_answer_4001() -> None:
     answering = {route.path for route in ROUTES if route.unknown_id_answers_4001}
-    assert answering == {f"{API_PREFIX}/backup/{{id}}", f"{API_PREFIX}/restore/{{id}}"}
+    assert answering == {
+        f"{API_PREFIX}/backup/{{id}}",
+        f"{API_PREFIX}/restore/{{id}}",
+        f"{API_PREFIX}/backup/{{id}}/files",
+    }
     assert all(METHOD_AND_PATH_TO_ROUTE[("GET", path)].prefix for path in answering)
 
 
