@@ -1,9 +1,12 @@
 """Client commands that talk to a running fa-restic over HTTP.
 
-`fa-restic backup PATH --id N [--wait]`, `restore --id N --backup-id M --dst PATH [--wait]`,
+`fa-restic backup PATH --id N [--exclude PATTERN...] [--wait]`,
+`restore --id N --backup-id M --dst PATH [--include ENTRY...] [--overwrite POLICY] [--wait]`,
 `status {backup,restore} ID`, `cancel {backup,restore} ID`, `cancel-all {backup,restore}`,
-`delete ID`. The token comes from the environment (FA_RESTIC_TOKEN) or a file (--token-file),
-never from the command line, which every user of the machine can read.
+`delete ID`, `list [backup|restore] [--status S] [--limit N] [--after ID] [--user U] [--all]`,
+`ls ID [PATH] [--limit N] [--after NAME] [--all]`. The token comes from the environment
+(FA_RESTIC_TOKEN) or a file (--token-file), never from the command line, which every user
+of the machine can read.
 
 Output: the envelope's `data` as JSON on stdout; progress (`--wait`) and errors on stderr.
 Exit codes: 0 success; 1 the job failed or was cancelled, or the API answered an error (its
@@ -23,10 +26,19 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
+from urllib.parse import urlencode
 
 import aiohttp
 
-from fa_restic.names import API_PREFIX, MAX_ID, SUCCESS_CODE, TERMINAL_STATUSES, JobKind, JobStatus
+from fa_restic.names import (
+    API_PREFIX,
+    MAX_ID,
+    SUCCESS_CODE,
+    TERMINAL_STATUSES,
+    JobKind,
+    JobStatus,
+    Overwrite,
+)
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 URL_ENV = "FA_RESTIC_URL"
@@ -90,6 +102,13 @@ def add_client_commands(commands: SubParsers[argparse.ArgumentParser]) -> None:
     )
     backup.add_argument("path", metavar="PATH")
     backup.add_argument("--id", type=_positive_id, required=True, help="the backup id")
+    backup.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="leave out what this restic pattern matches, relative to PATH (repeatable)",
+    )
     backup.add_argument("--wait", action="store_true", help="wait for the end, show progress")
     backup.set_defaults(run=_backup)
 
@@ -99,6 +118,19 @@ def add_client_commands(commands: SubParsers[argparse.ArgumentParser]) -> None:
     restore.add_argument("--id", type=_positive_id, required=True, help="the restore id")
     restore.add_argument("--backup-id", type=_positive_id, required=True)
     restore.add_argument("--dst", required=True, metavar="PATH")
+    restore.add_argument(
+        "--include",
+        action="append",
+        default=[],
+        metavar="ENTRY",
+        help="restore only this file or folder of the backup, relative to what was backed "
+        "up (repeatable)",
+    )
+    restore.add_argument(
+        "--overwrite",
+        choices=list(Overwrite),
+        help="what happens to a file already in --dst (default: always)",
+    )
     restore.add_argument("--wait", action="store_true", help="wait for the end, show progress")
     restore.set_defaults(run=_restore)
 
@@ -123,6 +155,29 @@ def add_client_commands(commands: SubParsers[argparse.ArgumentParser]) -> None:
     )
     delete.add_argument("id", type=_positive_id)
     delete.set_defaults(run=_delete)
+    _add_finding(commands, common)
+
+
+def _add_finding(commands: SubParsers[argparse.ArgumentParser], common: Any) -> None:
+    """Adds `list` and `ls` (SPEC §11)."""
+    paging = argparse.ArgumentParser(add_help=False)
+    paging.add_argument("--limit", type=_positive_id, help="at most this many (max 1000)")
+    paging.add_argument("--all", action="store_true", help="every page, not just the first")
+    listing = commands.add_parser(
+        "list", parents=[common, paging], help="list your backups or restores, newest first"
+    )
+    listing.add_argument("kind", nargs="?", choices=list(JobKind), default=JobKind.BACKUP)
+    listing.add_argument("--status", choices=list(JobStatus))
+    listing.add_argument("--after", type=_positive_id, help="the next_after of a page")
+    listing.add_argument("--user", help="one user's (admin tokens)")
+    listing.set_defaults(run=_list)
+    files = commands.add_parser(
+        "ls", parents=[common, paging], help="list a folder of a backup (default: its top)"
+    )
+    files.add_argument("id", type=_positive_id)
+    files.add_argument("path", nargs="?", default="", metavar="PATH")
+    files.add_argument("--after", metavar="NAME", help="the next_after of a page")
+    files.set_defaults(run=_ls)
 
 
 @dataclass(frozen=True)
@@ -398,7 +453,9 @@ def _interrupted(kind: str, job_id: int) -> str:
 
 
 def _backup(arguments: argparse.Namespace) -> int:
-    body = {"id": arguments.id, "path": arguments.path}
+    body: dict[str, Any] = {"id": arguments.id, "path": arguments.path}
+    if arguments.exclude:
+        body["exclude"] = arguments.exclude
     return _run(
         arguments,
         lambda client: _start_and_maybe_wait(
@@ -409,7 +466,15 @@ def _backup(arguments: argparse.Namespace) -> int:
 
 
 def _restore(arguments: argparse.Namespace) -> int:
-    body = {"restore_id": arguments.id, "backup_id": arguments.backup_id, "dst_path": arguments.dst}
+    body: dict[str, Any] = {
+        "restore_id": arguments.id,
+        "backup_id": arguments.backup_id,
+        "dst_path": arguments.dst,
+    }
+    if arguments.include:
+        body["include"] = arguments.include
+    if arguments.overwrite:
+        body["overwrite"] = arguments.overwrite
     return _run(
         arguments,
         lambda client: _start_and_maybe_wait(
@@ -445,3 +510,42 @@ def _cancel_all(arguments: argparse.Namespace) -> int:
 
 def _delete(arguments: argparse.Namespace) -> int:
     return _run(arguments, _printing("DELETE", f"/backup/{arguments.id}"))
+
+
+def _query(**values: Any) -> str:
+    """Returns `?a=1&b=x` of the values that are set (empty string if none)."""
+    chosen = {key: value for key, value in values.items() if value not in (None, "")}
+    return f"?{urlencode(chosen)}" if chosen else ""
+
+
+def _pages(
+    arguments: argparse.Namespace, path: str, query: dict[str, Any]
+) -> Callable[[Client], Awaitable[int]]:
+    """Returns an action that prints the pages of a listing: the first one's data as JSON,
+    or with --all every item as one JSON array."""
+
+    async def action(client: Client) -> int:
+        after = arguments.after
+        items: list[Any] = []
+        while True:
+            data = await client.call("GET", path + _query(**query, after=after))
+            if not arguments.all:
+                _print_json(data)
+                return EXIT_OK
+            items += data["items"]
+            after = data["next_after"]
+            if after is None:
+                _print_json(items)
+                return EXIT_OK
+
+    return action
+
+
+def _list(arguments: argparse.Namespace) -> int:
+    query = {"status": arguments.status, "limit": arguments.limit, "user": arguments.user}
+    return _run(arguments, _pages(arguments, f"/{arguments.kind}", query))
+
+
+def _ls(arguments: argparse.Namespace) -> int:
+    query = {"path": arguments.path, "limit": arguments.limit}
+    return _run(arguments, _pages(arguments, f"/backup/{arguments.id}/files", query))

@@ -187,6 +187,16 @@ class TreeCache:
             self.bytes -= evicted.bytes
         self._trees[snapshot_id] = tree
         self.bytes += tree.bytes
+        log.info(
+            "browse: cached the tree of snapshot %s: %d entries, ~%d bytes "
+            "(cache %d of %d bytes, %d trees)",
+            snapshot_id[:12],
+            tree.entries,
+            tree.bytes,
+            self.bytes,
+            self.budget_bytes,
+            len(self._trees),
+        )
 
     def forget(self, snapshot_id: str) -> None:
         """Drops a snapshot's tree (its backup was deleted)."""

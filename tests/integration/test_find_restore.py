@@ -13,6 +13,7 @@ from urllib.parse import urlencode
 
 from tests.conftest import Api
 from tests.helpers import assert_same_tree, tree_listing
+from tests.integration.test_cli import fa_restic
 
 GLOB_NAME = "st*r?[x]\\b.txt"
 """A file name made of restic's glob characters: an include must restore exactly it."""
@@ -299,3 +300,52 @@ async def test_excludes_are_relative_and_the_same_on_every_version(api: Api) -> 
         )
         assert (status, refused["code"]) == (400, 400), (bad, refused)
         assert refused["message"].startswith("err when backup file: exclude"), refused
+
+
+# -- the command-line client -------------------------------------------------------------------
+
+
+async def test_the_client_lists_browses_and_restores_a_selection(
+    make_api: Any, newest_restic: str
+) -> None:
+    api: Api = await make_api(newest_restic)
+    home = api.home("alice")
+    (home / "p" / "sub").mkdir(parents=True)
+    (home / "p" / "a.txt").write_bytes(b"a")
+    (home / "p" / "b.tmp").write_bytes(b"b")
+    (home / "p" / "sub" / "c.txt").write_bytes(b"c")
+
+    backup = await fa_restic(api, "backup", "p", "--id", "1", "--exclude", "*.tmp", "--wait")
+    assert backup.code == 0 and backup.json()["exclude"] == ["*.tmp"], backup
+    listed = await fa_restic(api, "list", "--limit", "1", "--all")
+    assert (listed.code, [item["id"] for item in listed.json()]) == (0, [1]), listed
+    top = await fa_restic(api, "ls", "1")
+    assert [item["name"] for item in top.json()["items"]] == ["a.txt", "sub"], top
+    inner = await fa_restic(api, "ls", "1", "sub", "--limit", "1", "--all")
+    assert [item["name"] for item in inner.json()] == ["c.txt"], inner
+    (home / "out").mkdir()
+    (home / "out" / "a.txt").write_bytes(b"mine")
+    restore = await fa_restic(
+        api,
+        "restore",
+        "--id",
+        "1",
+        "--backup-id",
+        "1",
+        "--dst",
+        "out",
+        "--include",
+        "a.txt",
+        "--include",
+        "sub/c.txt",
+        "--overwrite",
+        "never",
+        "--wait",
+    )
+    assert restore.code == 0, restore
+    assert tree_listing(home / "out")["sub/c.txt"][0] == "file"
+    assert (home / "out" / "a.txt").read_bytes() == b"mine"
+    restores = await fa_restic(api, "list", "restore", "--status", "success")
+    assert [item["overwrite"] for item in restores.json()["items"]] == ["never"], restores
+    missing = await fa_restic(api, "ls", "1", "nope")
+    assert missing.code == 1 and "nope" in missing.stderr, missing
