@@ -102,13 +102,6 @@ def add_client_commands(commands: SubParsers[argparse.ArgumentParser]) -> None:
     )
     backup.add_argument("path", metavar="PATH")
     backup.add_argument("--id", type=_positive_id, required=True, help="the backup id")
-    backup.add_argument(
-        "--exclude",
-        action="append",
-        default=[],
-        metavar="PATTERN",
-        help="leave out what this restic pattern matches, relative to PATH (repeatable)",
-    )
     backup.add_argument("--wait", action="store_true", help="wait for the end, show progress")
     backup.set_defaults(run=_backup)
 
@@ -118,21 +111,9 @@ def add_client_commands(commands: SubParsers[argparse.ArgumentParser]) -> None:
     restore.add_argument("--id", type=_positive_id, required=True, help="the restore id")
     restore.add_argument("--backup-id", type=_positive_id, required=True)
     restore.add_argument("--dst", required=True, metavar="PATH")
-    restore.add_argument(
-        "--include",
-        action="append",
-        default=[],
-        metavar="ENTRY",
-        help="restore only this file or folder of the backup, relative to what was backed "
-        "up (repeatable)",
-    )
-    restore.add_argument(
-        "--overwrite",
-        choices=list(Overwrite),
-        help="what happens to a file already in --dst (default: always)",
-    )
     restore.add_argument("--wait", action="store_true", help="wait for the end, show progress")
     restore.set_defaults(run=_restore)
+    _add_selection(backup, restore)
 
     status = commands.add_parser("status", parents=[common], help="show a backup or restore")
     status.add_argument("kind", choices=list(JobKind))
@@ -156,6 +137,30 @@ def add_client_commands(commands: SubParsers[argparse.ArgumentParser]) -> None:
     delete.add_argument("id", type=_positive_id)
     delete.set_defaults(run=_delete)
     _add_finding(commands, common)
+
+
+def _add_selection(backup: argparse.ArgumentParser, restore: argparse.ArgumentParser) -> None:
+    """Adds backup --exclude, restore --include and --overwrite (SPEC §11)."""
+    backup.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="leave out what this restic pattern matches, relative to PATH (repeatable)",
+    )
+    restore.add_argument(
+        "--include",
+        action="append",
+        default=[],
+        metavar="ENTRY",
+        help="restore only this file or folder of the backup, relative to what was backed "
+        "up (repeatable)",
+    )
+    restore.add_argument(
+        "--overwrite",
+        choices=list(Overwrite),
+        help="what happens to a file already in --dst (default: always)",
+    )
 
 
 def _add_finding(commands: SubParsers[argparse.ArgumentParser], common: Any) -> None:
