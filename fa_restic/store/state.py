@@ -60,7 +60,9 @@ log = logging.getLogger("fa_restic.store")
 FORMAT = "fa-restic-state"
 VERSION = 2
 MIN_JOURNAL_BYTES = 1 << 20
-"""Compaction starts once the journal passes this, or the state file's size if larger."""
+JOURNAL_RATIO = 1.0
+"""Compaction starts once the journal passes MIN_JOURNAL_BYTES or this much of the state
+file, whichever is larger (so folding in costs O(1) per write on average) ..."""
 RECENT_BYTES = 32 << 20
 """... or once the finished records held in memory pass this."""
 
@@ -447,7 +449,7 @@ class StateStore:
         if self._compaction is not None or self._journal is None:
             return
         if (
-            self._journal_bytes < max(MIN_JOURNAL_BYTES, self._state_bytes)
+            self._journal_bytes < max(MIN_JOURNAL_BYTES, JOURNAL_RATIO * self._state_bytes)
             and self._recent_bytes < RECENT_BYTES
         ):
             return
