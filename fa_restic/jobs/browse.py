@@ -36,7 +36,9 @@ DEFAULT_BUDGET_BYTES = 256 << 20
 """The cache's default budget: about a million entries (~230 bytes each)."""
 _FOLDER_OVERHEAD = 160
 """A folder's dictionary slot and list, beyond its entries and its path string."""
-_SIZE_BYTES = 32
+_STRING_BYTES = sys.getsizeof("")
+_ENTRY_BYTES = 8 + sys.getsizeof((1, 2, 3, 4)) + 2 * _STRING_BYTES + 32
+"""An entry's list slot, its tuple, its name's and mtime's string headers, its size's int."""
 _by_name = itemgetter(0)
 
 Entry = tuple[str, str, int, str]
@@ -76,23 +78,23 @@ class Tree:
         self.entries = 0
 
     def add(self, node: TreeNode) -> None:
-        """Takes one node of `restic ls --json` (its path from the tree's top)."""
-        path = node.path.strip("/")
+        """Takes one node of `restic ls --json` (its path from the tree's top).
+
+        Runs once per line of a listing: arithmetic instead of sys.getsizeof (which is
+        exact only for ASCII names; close enough for a budget)."""
+        path, name, kind, size, mtime = node
+        path = path.strip("/")
         parent = path.rpartition("/")[0]
-        entry = (node.name, node.type, node.size, node.mtime)
         folder = self.folders.get(parent)
         if folder is None:  # restic lists a folder before its contents; a stray node anyway
             folder = self.folders[parent] = []
-            self.bytes += _FOLDER_OVERHEAD + sys.getsizeof(parent)
-        folder.append(entry)
+            self.bytes += _FOLDER_OVERHEAD + _STRING_BYTES + len(parent)
+        folder.append((name, kind, size, mtime))
         self.entries += 1
-        self.bytes += (
-            8 + sys.getsizeof(entry) + sys.getsizeof(node.name) + sys.getsizeof(node.mtime)
-        )
-        self.bytes += _SIZE_BYTES
-        if node.type == "dir" and path not in self.folders:
+        self.bytes += _ENTRY_BYTES + len(name) + len(mtime)
+        if kind == "dir" and path not in self.folders:
             self.folders[path] = []
-            self.bytes += _FOLDER_OVERHEAD + sys.getsizeof(path)
+            self.bytes += _FOLDER_OVERHEAD + _STRING_BYTES + len(path)
 
     def finish(self) -> None:
         """Sorts every folder by name (restic's order already: timsort just checks it)."""

@@ -129,6 +129,9 @@ class TreeNode(NamedTuple):
     """As restic prints it: RFC 3339 with nanoseconds, in the backing-up machine's zone."""
 
 
+_new_node = tuple.__new__
+"""Makes a TreeNode from a tuple without NamedTuple's keyword-parsing __new__ (per line)."""
+
 BackupMessage = BackupStatus | BackupSummary
 RestoreMessage = RestoreStatus | RestoreSummary
 StderrMessage = ItemError | ExitError
@@ -211,14 +214,18 @@ def parse_ls_line(line: str) -> TreeNode | Snapshot | None:
     kind = data.get("struct_type")
     if kind == "node":
         path, name, size = data.get("path"), data.get("name"), data.get("size", 0)
-        if not isinstance(path, str) or not isinstance(name, str):
+        if path.__class__ is not str or name.__class__ is not str:
             return None
-        return TreeNode(
-            path,
-            name,
-            str(data.get("type", "")),
-            size if isinstance(size, int) else 0,
-            str(data.get("mtime", "")),
+        node_type, mtime = data.get("type", ""), data.get("mtime", "")
+        return _new_node(
+            TreeNode,
+            (
+                path,
+                name,
+                node_type if node_type.__class__ is str else "",
+                size if size.__class__ is int else 0,
+                mtime if mtime.__class__ is str else "",
+            ),
         )
     if kind == "snapshot":
         try:
