@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 
 from fa_restic.store.files import copy_range, dumps, fsync_folder, open_private, write_all
-from fa_restic.store.index import ColdIndex, Entry, save_indexes
+from fa_restic.store.index import ColdIndex, Entry, Rebuilt, save_indexes
 from fa_restic.store.operations import Layout, Value
 
 BUFFER_BYTES = 1 << 20
@@ -64,11 +64,9 @@ class _Output:
         self._buffer.clear()
 
 
-def _copied(snapshot: Snapshot, name: str, output: _Output) -> list[Entry]:
-    """Copies the lines of `name`'s index that still hold (in runs, by the kernel) and
-    returns their entries in the new file."""
+def _copied(snapshot: Snapshot, name: str, output: _Output, rebuilt: Rebuilt) -> None:
+    """Copies the lines of `name`'s index that still hold, in runs (by the kernel)."""
     old, gone = snapshot.cold[name], snapshot.gone.get(name, set())
-    entries: list[Entry] = []
     run_start = run_end = base = 0
 
     def finish_run() -> None:
@@ -76,34 +74,33 @@ def _copied(snapshot: Snapshot, name: str, output: _Output) -> list[Entry]:
             assert snapshot.reader is not None
             output.copy(snapshot.reader, run_start, run_end - run_start)
 
+    offsets, lengths, ids = old.offsets, old.lengths, old.ids
     for position in range(len(old)):  # a Python loop: the GIL goes back to the event loop often
-        key = old.ids[position]
-        if key in gone:
+        if ids[position] in gone:
             continue
-        offset, length = old.offsets[position], old.lengths[position]
+        offset = offsets[position]
         if offset != run_end:
             finish_run()
             run_start = run_end = offset
             base = output.offset
-        run_end = offset + length
-        entry = old.entry(position)
-        entries.append(Entry(key, base + offset - run_start, length, entry.owner, entry.label))
+        run_end = offset + lengths[position]
+        rebuilt.copy(position, base + offset - run_start)
     finish_run()
-    return entries
 
 
 def _lines(snapshot: Snapshot, output: _Output) -> dict[str, ColdIndex]:
     indexes: dict[str, ColdIndex] = {}
     for name in sorted(snapshot.meta):
-        entries = _copied(snapshot, name, output) if name in snapshot.cold else []
+        rebuilt = Rebuilt(snapshot.cold.get(name, ColdIndex()))
+        _copied(snapshot, name, output, rebuilt)
         prefix = b'{"c":' + dumps(name) + b',"k":"'
         meta = snapshot.meta[name]
         for number, data in snapshot.recent.get(name, {}).items():
             line = prefix + str(number).encode() + b'","v":' + data + b"}\n"
             owner, label = meta[number]
-            entries.append(Entry(number, output.offset, len(line), owner, label))
+            rebuilt.add(Entry(number, output.offset, len(line), owner, label))
             output.write(line)
-        indexes[name] = ColdIndex.build(entries)
+        indexes[name] = rebuilt.finish()
     return indexes
 
 

@@ -13,6 +13,7 @@ store (`gone`), and the next compaction builds a new index.
 from __future__ import annotations
 
 import bisect
+import heapq
 from array import array
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -271,3 +272,65 @@ class Fresh:
             key = keys[at]
             if wanted is None or self.meta[key][1] == wanted:
                 yield key
+
+
+class Rebuilt:
+    """The next index of a collection: the old one's records that still hold, copied in
+    their order, then new ones. Orderings are merged, not sorted again: a sort of a
+    million keys is one C call that would hold the GIL, and the event loop, for a second;
+    a merge is Python code that lets the loop run between steps."""
+
+    def __init__(self, old: ColdIndex) -> None:
+        self.old = old
+        self.index = ColdIndex(owners=list(old.owners), labels=list(old.labels))
+        self._owner_codes = {owner: code for code, owner in enumerate(old.owners)}
+        self._label_codes = {label: code for code, label in enumerate(old.labels)}
+        self._mapping = array("i", [-1]) * len(old)
+        self._copied = 0
+
+    def copy(self, position: int, offset: int) -> None:
+        """Keeps the old record at `position`, now at `offset` (call in file order)."""
+        old, index = self.old, self.index
+        self._mapping[position] = len(index.ids)
+        index.ids.append(old.ids[position])
+        index.offsets.append(offset)
+        index.lengths.append(old.lengths[position])
+        index.owner_codes.append(old.owner_codes[position])
+        index.label_codes.append(old.label_codes[position])
+        self._copied += 1
+
+    def add(self, entry: Entry) -> None:
+        """Adds a new record (after every copy)."""
+        index = self.index
+        index.ids.append(entry.key)
+        index.offsets.append(entry.offset)
+        index.lengths.append(entry.length)
+        index.owner_codes.append(_code(self._owner_codes, index.owners, entry.owner))
+        index.label_codes.append(_code(self._label_codes, index.labels, entry.label))
+
+    def finish(self) -> ColdIndex:
+        """Returns the new index."""
+        index, mapping = self.index, self._mapping
+        ids, owners, labels = index.ids, index.owner_codes, index.label_codes
+        added = range(self._copied, len(ids))
+
+        def merged(old_order: array[int], key: Any) -> array[int]:
+            kept = (mapping[p] for p in old_order if mapping[p] >= 0)
+            if not added:
+                return array("i", kept)
+            return array("i", heapq.merge(kept, sorted(added, key=key), key=key))
+
+        index.by_id = merged(self.old.by_id, ids.__getitem__)
+        index.by_owner = merged(self.old.by_owner, lambda p: (owners[p], ids[p]))
+        index.by_label = merged(self.old.by_label, lambda p: (labels[p], ids[p]))
+        index.owner_starts = _starts(index.by_owner, owners, len(index.owners))
+        index.label_starts = _starts(index.by_label, labels, len(index.labels))
+        return index
+
+
+def _code(codes: dict[str, int], names: list[str], name: str) -> int:
+    code = codes.get(name)
+    if code is None:
+        code = codes[name] = len(names)
+        names.append(name)
+    return code

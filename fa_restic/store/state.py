@@ -60,9 +60,11 @@ log = logging.getLogger("fa_restic.store")
 FORMAT = "fa-restic-state"
 VERSION = 2
 MIN_JOURNAL_BYTES = 1 << 20
+MAX_JOURNAL_BYTES = 32 << 20
 JOURNAL_RATIO = 1.0
-"""Compaction starts once the journal passes MIN_JOURNAL_BYTES or this much of the state
-file, whichever is larger (so folding in costs O(1) per write on average) ..."""
+"""Compaction starts once the journal passes this much of the state file (folding in then
+costs O(1) per write on average), but at least MIN_JOURNAL_BYTES and at most
+MAX_JOURNAL_BYTES (a restart replays the journal: it must stay short) ..."""
 RECENT_BYTES = 32 << 20
 """... or once the finished records held in memory pass this."""
 
@@ -448,12 +450,16 @@ class StateStore:
     def _maybe_compact(self) -> None:
         if self._compaction is not None or self._journal is None:
             return
-        if (
-            self._journal_bytes < max(MIN_JOURNAL_BYTES, JOURNAL_RATIO * self._state_bytes)
-            and self._recent_bytes < RECENT_BYTES
-        ):
-            return
+        bound = min(max(MIN_JOURNAL_BYTES, JOURNAL_RATIO * self._state_bytes), MAX_JOURNAL_BYTES)
+        if self._journal_bytes >= bound or self._recent_bytes >= RECENT_BYTES:
+            self._compaction = asyncio.ensure_future(self._compact())
+
+    async def compact(self) -> None:
+        """Folds the journal into the state file now (after a running compaction); returns
+        when done. Raises OSError."""
+        await self.settled()
         self._compaction = asyncio.ensure_future(self._compact())
+        await self.settled()
 
     async def _compact(self) -> None:
         loop = asyncio.get_running_loop()
