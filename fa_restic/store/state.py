@@ -415,6 +415,8 @@ class StateStore:
             # A line cut short (disk full) must not glue itself to the next one.
             os.ftruncate(self._journal, end)
             raise
+        # Counted by the thread that appends and turns the journal: exact at every moment.
+        self._journal_bytes += len(line)
         return len(line)
 
     async def write(self, operations: Iterable[Operation]) -> None:
@@ -429,7 +431,7 @@ class StateStore:
         loop = asyncio.get_running_loop()
         appended = loop.run_in_executor(self._writer, self._append, batch)
         try:
-            self._journal_bytes += await asyncio.shield(appended)
+            await asyncio.shield(appended)
         except asyncio.CancelledError:
             # The line may still reach the disk: memory follows what the journal holds.
             appended.add_done_callback(lambda done: self._settle(done, undos))
@@ -469,7 +471,6 @@ class StateStore:
         rotated = loop.run_in_executor(self._writer, self._rotate, segment)
         snapshot = self._snapshot()
         failures = self._failures
-        self._journal_bytes = 0
         try:
             await rotated
             result = await loop.run_in_executor(
@@ -510,10 +511,10 @@ class StateStore:
         assert self._journal is not None
         os.close(self._journal)
         self._journal = None
-        os.replace(
-            self.journal_path, self.journal_path.with_name(f"{self.journal_path.name}.{segment}")
-        )
+        turned = self.journal_path.with_name(f"{self.journal_path.name}.{segment}")
+        os.replace(self.journal_path, turned)
         self._journal = open_private(self.journal_path)
+        self._journal_bytes = 0
         fsync_folder(self.path.parent)
 
     def _install(
