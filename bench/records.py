@@ -152,44 +152,52 @@ async def starts(service: Service) -> tuple[list[float], list[float]]:
     return seconds, rss
 
 
-async def requests(service: Service, count: int) -> dict[str, Any]:
-    """POSTs and GETs against a started service; returns their latencies."""
+async def requests(sides: list[tuple[Service, int]]) -> list[dict[str, Any]]:
+    """POSTs and GETs against started services, alternately (so that what else runs on
+    the machine weighs on both alike); returns their latencies, per service."""
     chooser = random.Random(12)  # noqa: S311 - a repeatable choice, not a secret
-    posts, gets = [], []
+    posts: list[list[float]] = [[] for _ in sides]
+    gets: list[list[float]] = [[] for _ in sides]
     async with aiohttp.ClientSession() as session:
         for number in range(POSTS):
-            sent = time.perf_counter()
-            async with session.post(
-                f"{service.base}{API}/backup",
-                json={"id": 10_000_000 + number, "path": "tiny.txt"},
-                headers=headers(POSTERS[number % len(POSTERS)]),
-            ) as response:
-                body = await response.json()
-            posts.append(time.perf_counter() - sent)
-            if body.get("code") != 2001:
-                raise RuntimeError(f"POST: {body}")
+            for (service, _), times in zip(sides, posts, strict=True):
+                sent = time.perf_counter()
+                async with session.post(
+                    f"{service.base}{API}/backup",
+                    json={"id": 10_000_000 + number, "path": "tiny.txt"},
+                    headers=headers(POSTERS[number % len(POSTERS)]),
+                ) as response:
+                    body = await response.json()
+                times.append(time.perf_counter() - sent)
+                if body.get("code") != 2001:
+                    raise RuntimeError(f"POST: {body}")
         for _ in range(GETS):
-            number = chooser.randint(1, count)
-            sent = time.perf_counter()
-            async with session.get(
-                f"{service.base}{API}/backup/{number}", headers=headers(user_of(number))
+            for (service, count), times in zip(sides, gets, strict=True):
+                number = chooser.randint(1, count)
+                sent = time.perf_counter()
+                async with session.get(
+                    f"{service.base}{API}/backup/{number}", headers=headers(user_of(number))
+                ) as response:
+                    body = await response.json()
+                times.append(time.perf_counter() - sent)
+                if body.get("code") != 2001 or body["data"]["id"] != number:
+                    raise RuntimeError(f"GET {number}: {body}")
+        results = []
+        for (service, _), post_times, get_times in zip(sides, posts, gets, strict=True):
+            results.append(
+                {
+                    "post_p50_ms": percentile(post_times, 50) * 1000,
+                    "post_p99_ms": percentile(post_times, 99) * 1000,
+                    "get_p50_ms": percentile(get_times, 50) * 1000,
+                    "get_p99_ms": percentile(get_times, 99) * 1000,
+                    "rss_mb_after_requests": rss_mb(service.pid),
+                }
+            )
+            async with session.post(
+                f"{service.base}{API}/backup/cancel-all", headers=headers("root", admin=True)
             ) as response:
-                body = await response.json()
-            gets.append(time.perf_counter() - sent)
-            if body.get("code") != 2001 or body["data"]["id"] != number:
-                raise RuntimeError(f"GET {number}: {body}")
-        rss_after = rss_mb(service.pid)
-        async with session.post(
-            f"{service.base}{API}/backup/cancel-all", headers=headers("root", admin=True)
-        ) as response:
-            await response.read()
-    return {
-        "post_p50_ms": percentile(posts, 50) * 1000,
-        "post_p99_ms": percentile(posts, 99) * 1000,
-        "get_p50_ms": percentile(gets, 50) * 1000,
-        "get_p99_ms": percentile(gets, 99) * 1000,
-        "rss_mb_after_requests": rss_after,
-    }
+                await response.read()
+    return results
 
 
 def service_on(folder: Path, binary: str, data_root: Path) -> tuple[Service, Path]:
@@ -205,31 +213,44 @@ def service_on(folder: Path, binary: str, data_root: Path) -> tuple[Service, Pat
     return Service(config, port), folder / "state.json"
 
 
-async def one_size(scratch: Path, count: int, binary: str) -> dict[str, Any]:
-    folder = scratch / f"n{count}"
-    folder.mkdir()
-    data_root = folder / "data"
-    service, state = service_on(folder, binary, data_root)
-    built = await build(state, count, data_root)
-    log(f"{count}: built in {built['build_seconds']:.0f} s: {folder_sizes(state)}")
-    seconds, rss = await starts(service)
-    service.start()
+async def sizes(scratch: Path, binary: str) -> list[dict[str, Any]]:
+    """Builds both state files, starts each service STARTS times, then both at once for
+    the requests; returns what was measured, per size."""
+    sides, results = [], []
+    for count in SIZES:
+        folder = scratch / f"n{count}"
+        folder.mkdir()
+        data_root = folder / "data"
+        service, state = service_on(folder, binary, data_root)
+        built = await build(state, count, data_root)
+        log(f"{count}: built in {built['build_seconds']:.0f} s: {folder_sizes(state)}")
+        seconds, rss = await starts(service)
+        sides.append((service, count))
+        results.append(
+            {
+                "records": count,
+                **built,
+                "start_seconds": seconds,
+                "start_seconds_median": median(seconds),
+                "rss_mb_after_start": rss,
+                "state_file": state,
+            }
+        )
     try:
-        await service.wait_healthy(120)
-        measured = await requests(service, count)
+        for service, _ in sides:
+            service.start()
+            await service.wait_healthy(120)
+        measured = await requests(sides)
     finally:
-        service.stop()
-    after = folder_sizes(state)
-    return {
-        "records": count,
-        **built,
-        "start_seconds": seconds,
-        "start_seconds_median": median(seconds),
-        "rss_mb_after_start": rss,
-        **measured,
-        "files_after": after,
-        "journal_to_state_after": after.get("state.json.journal", 0) / after["state.json"],
-    }
+        for service, _ in sides:
+            service.stop()
+    for result, more in zip(results, measured, strict=True):
+        state = result.pop("state_file")
+        after = folder_sizes(state)
+        result.update(more)
+        result["files_after"] = after
+        result["journal_to_state_after"] = after.get("state.json.journal", 0) / after["state.json"]
+    return results
 
 
 async def fifty_thousand(scratch: Path, binary: str) -> dict[str, Any]:
@@ -337,8 +358,7 @@ def main() -> int:
     say(NOISE_NOTE)
     with temporary_folder("records") as scratch_name:
         scratch = Path(scratch_name)
-        small = asyncio.run(one_size(scratch, SIZES[0], binary))
-        large = asyncio.run(one_size(scratch, SIZES[1], binary))
+        small, large = asyncio.run(sizes(scratch, binary))
         http = asyncio.run(fifty_thousand(scratch, binary))
     summary = report(small, large, http)
     write_results(

@@ -221,14 +221,17 @@ def load_indexes(raw: bytes, generation: str) -> tuple[int, dict[str, ColdIndex]
 
 class Fresh:
     """The records of one indexed collection that the store holds in memory (pending and
-    running ones, and those finished since the last compaction), ordered for listings."""
+    running ones, and those finished since the last compaction), ordered for listings.
+
+    A record's label changes often (a cancel-all changes 50,000 at once): that is one
+    dict write here; only a new key or a new owner moves anything in the sorted lists.
+    """
 
     def __init__(self) -> None:
         self.meta: dict[int, tuple[str, str]] = {}
         """key -> (owner, label)"""
         self._ids: list[int] = []
         self._by_owner: dict[str, list[int]] = {}
-        self._by_label: dict[str, list[int]] = {}
 
     @classmethod
     def of(cls, meta: dict[int, tuple[str, str]]) -> Fresh:
@@ -237,41 +240,38 @@ class Fresh:
         fresh.meta = meta
         fresh._ids = sorted(meta)
         for key in fresh._ids:
-            owner, label = meta[key]
-            fresh._by_owner.setdefault(owner, []).append(key)
-            fresh._by_label.setdefault(label, []).append(key)
+            fresh._by_owner.setdefault(meta[key][0], []).append(key)
         return fresh
 
-    def add(self, key: int, owner: str, label: str) -> None:
+    def put(self, key: int, owner: str, label: str) -> None:
+        old = self.meta.get(key)
         self.meta[key] = (owner, label)
-        bisect.insort(self._ids, key)
+        if old is None:
+            bisect.insort(self._ids, key)
+        elif old[0] != owner:
+            _remove(self._by_owner[old[0]], key)
+        else:
+            return
         bisect.insort(self._by_owner.setdefault(owner, []), key)
-        bisect.insort(self._by_label.setdefault(label, []), key)
 
-    def remove(self, key: int) -> tuple[str, str] | None:
-        """Removes `key`; returns its (owner, label), or None if it was not here."""
+    def remove(self, key: int) -> None:
         found = self.meta.pop(key, None)
-        if found is None:
-            return None
-        owner, label = found
-        for keys in (self._ids, self._by_owner[owner], self._by_label[label]):
-            del keys[bisect.bisect_left(keys, key)]
-        return found
+        if found is not None:
+            _remove(self._ids, key)
+            _remove(self._by_owner[found[0]], key)
 
     def descending(self, owner: str | None, label: str | None, before: int | None) -> Iterator[int]:
         """Yields keys as ColdIndex.descending does."""
-        wanted = None
-        if owner is not None:
-            keys, wanted = self._by_owner.get(owner, []), label
-        elif label is not None:
-            keys = self._by_label.get(label, [])
-        else:
-            keys = self._ids
+        keys = self._ids if owner is None else self._by_owner.get(owner, [])
         high = len(keys) if before is None else bisect.bisect_left(keys, before)
         for at in range(high - 1, -1, -1):
             key = keys[at]
-            if wanted is None or self.meta[key][1] == wanted:
+            if label is None or self.meta[key][1] == label:
                 yield key
+
+
+def _remove(keys: list[int], key: int) -> None:
+    del keys[bisect.bisect_left(keys, key)]
 
 
 class Rebuilt:

@@ -61,11 +61,11 @@ FORMAT = "fa-restic-state"
 VERSION = 2
 MIN_JOURNAL_BYTES = 1 << 20
 MAX_JOURNAL_BYTES = 32 << 20
-JOURNAL_RATIO = 1.0
+JOURNAL_RATIO = 0.25
 """Compaction starts once the journal passes this much of the state file (folding in then
 costs O(1) per write on average), but at least MIN_JOURNAL_BYTES and at most
 MAX_JOURNAL_BYTES (a restart replays the journal: it must stay short) ..."""
-RECENT_BYTES = 32 << 20
+RECENT_BYTES = 16 << 20
 """... or once the finished records held in memory pass this."""
 
 
@@ -229,7 +229,8 @@ class StateStore:
                 self._hot.setdefault(name, {})[key] = value
             return
         number = int(key)
-        old = self._fresh[name].remove(number)
+        fresh = self._fresh[name]
+        old = fresh.meta.get(number)
         if old is not None:
             self._hot.get(name, {}).pop(key, None)
             data = self._recent[name].pop(number, None)
@@ -241,6 +242,7 @@ class StateStore:
         if self._touched is not None:
             self._touched[name].add(number)
         if value is None:
+            fresh.remove(number)
             return
         owner, label = self.layout.owner_of(value), self.layout.label_of(value)
         if self.layout.is_live(value):
@@ -249,7 +251,7 @@ class StateStore:
             data = dumps(value)
             self._recent[name][number] = data
             self._recent_bytes += len(data)
-        self._fresh[name].add(number, owner, label)
+        fresh.put(number, owner, label)
         self._counts[name][label] += 1
 
     def _forget_cold(self, name: str, number: int) -> tuple[str, str] | None:
