@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -76,12 +77,22 @@ class Repository:
             created = await retry_transient(self.restic.ensure_initialised, self.lock_wait, "init")
             was_destroyed = self.destroyed
             self.state = RepositoryState.READY
+            self._health = Health(time.monotonic(), "ok", "ok")  # restic has just answered
             if created or was_destroyed:
                 await self.records.write([self.op()])
+
+    async def _ensured(self) -> None:
+        async with self._lock:
+            pass
 
     async def health(self) -> Health:
         """Returns whether the repository answers, asking restic at most every 10 s."""
         async with self._health_lock:
+            if self._lock.locked():
+                # The start (or a backup) is asking restic right now: its answer will do, and
+                # a second restic would only slow both (healthz answers a start sooner).
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._ensured(), HEALTH_TIMEOUT_SECONDS)
             if time.monotonic() - self._health.checked_at < HEALTH_CACHE_SECONDS:
                 return self._health
             public = None
