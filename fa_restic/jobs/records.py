@@ -225,8 +225,11 @@ class Records:
                 continue
             records: dict[int, Any] = self.of(operation.collection)
             record = records.get(int(operation.key))
-            if record is not None and not _is_live(
-                {"status": record.status.value, "unsettled": getattr(record, "unsettled", False)}
+            # As _is_live says, on the object (a cancel-all retires 50,000 at once).
+            if (
+                record is not None
+                and record.status.is_terminal
+                and not getattr(record, "unsettled", False)
             ):
                 del records[record.id]
 

@@ -7,6 +7,7 @@ Snapshot, whose parts nobody changes (the store replaces dicts, never changes th
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,10 @@ from fa_restic.store.index import ColdIndex, Entry, Rebuilt, save_indexes
 from fa_restic.store.operations import Layout, Value
 
 BUFFER_BYTES = 1 << 20
+YIELD_EVERY = 500
+"""Records encoded between two moments the compaction thread gives the GIL away: a thread
+that never blocks holds it for the whole switch interval at each turn, and every request
+the event loop answers meanwhile waits for it several times."""
 
 
 @dataclass(frozen=True)
@@ -29,8 +34,8 @@ class Snapshot:
     header: dict[str, Any]
     hot: dict[str, dict[str, Value]]
     """Records kept in memory, by collection and key."""
-    recent: dict[str, dict[int, bytes]]
-    """Finished records not yet in the state file, encoded."""
+    recent: dict[str, dict[int, Value]]
+    """Finished records not yet in the state file."""
     meta: dict[str, dict[int, tuple[str, str]]]
     """(owner, label) of every record of `recent` (and of the hot ones)."""
     cold: dict[str, ColdIndex]
@@ -95,8 +100,10 @@ def _lines(snapshot: Snapshot, output: _Output) -> dict[str, ColdIndex]:
         _copied(snapshot, name, output, rebuilt)
         prefix = b'{"c":' + dumps(name) + b',"k":"'
         meta = snapshot.meta[name]
-        for number, data in snapshot.recent.get(name, {}).items():
-            line = prefix + str(number).encode() + b'","v":' + data + b"}\n"
+        for count, (number, value) in enumerate(snapshot.recent.get(name, {}).items()):
+            if count % YIELD_EVERY == 0:
+                time.sleep(0)  # lets the event loop's thread have the GIL
+            line = prefix + str(number).encode() + b'","v":' + dumps(value) + b"}\n"
             owner, label = meta[number]
             rebuilt.add(Entry(number, output.offset, len(line), owner, label))
             output.write(line)
@@ -118,7 +125,9 @@ def write_state(
         indexes = _lines(snapshot, output)
         cold_end = output.offset
         for name, records in snapshot.hot.items():
-            for key, value in records.items():
+            for count, (key, value) in enumerate(records.items()):
+                if count % YIELD_EVERY == 0:
+                    time.sleep(0)
                 output.write(dumps({"c": name, "k": key, "v": value}) + b"\n")
         output.flush()
         os.fsync(descriptor)

@@ -221,57 +221,36 @@ def load_indexes(raw: bytes, generation: str) -> tuple[int, dict[str, ColdIndex]
 
 class Fresh:
     """The records of one indexed collection that the store holds in memory (pending and
-    running ones, and those finished since the last compaction), ordered for listings.
+    running ones, and those finished since the last compaction): key -> (owner, label).
 
-    A record's label changes often (a cancel-all changes 50,000 at once): that is one
-    dict write here; only a new key or a new owner moves anything in the sorted lists.
+    A plain dict: a cancel-all changes 50,000 labels at once, one dict write each. A page
+    scans it (bounded: what waits for the next compaction, and the live jobs), keeping the
+    highest keys with a heap.
     """
 
-    def __init__(self) -> None:
-        self.meta: dict[int, tuple[str, str]] = {}
-        """key -> (owner, label)"""
-        self._ids: list[int] = []
-        self._by_owner: dict[str, list[int]] = {}
-
-    @classmethod
-    def of(cls, meta: dict[int, tuple[str, str]]) -> Fresh:
-        """Returns the index of `meta` (sorted once, not inserted one by one)."""
-        fresh = cls()
-        fresh.meta = meta
-        fresh._ids = sorted(meta)
-        for key in fresh._ids:
-            fresh._by_owner.setdefault(meta[key][0], []).append(key)
-        return fresh
+    def __init__(self, meta: dict[int, tuple[str, str]] | None = None) -> None:
+        self.meta: dict[int, tuple[str, str]] = {} if meta is None else meta
 
     def put(self, key: int, owner: str, label: str) -> None:
-        old = self.meta.get(key)
         self.meta[key] = (owner, label)
-        if old is None:
-            bisect.insort(self._ids, key)
-        elif old[0] != owner:
-            _remove(self._by_owner[old[0]], key)
-        else:
-            return
-        bisect.insort(self._by_owner.setdefault(owner, []), key)
 
     def remove(self, key: int) -> None:
-        found = self.meta.pop(key, None)
-        if found is not None:
-            _remove(self._ids, key)
-            _remove(self._by_owner[found[0]], key)
+        self.meta.pop(key, None)
 
-    def descending(self, owner: str | None, label: str | None, before: int | None) -> Iterator[int]:
-        """Yields keys as ColdIndex.descending does."""
-        keys = self._ids if owner is None else self._by_owner.get(owner, [])
-        high = len(keys) if before is None else bisect.bisect_left(keys, before)
-        for at in range(high - 1, -1, -1):
-            key = keys[at]
-            if label is None or self.meta[key][1] == label:
-                yield key
-
-
-def _remove(keys: list[int], key: int) -> None:
-    del keys[bisect.bisect_left(keys, key)]
+    def highest(
+        self, owner: str | None, label: str | None, before: int | None, limit: int
+    ) -> list[int]:
+        """Returns up to `limit` keys (of `owner`, with `label`, below `before`), highest first."""
+        return heapq.nlargest(
+            limit,
+            (
+                key
+                for key, (key_owner, key_label) in self.meta.items()
+                if (owner is None or key_owner == owner)
+                and (label is None or key_label == label)
+                and (before is None or key < before)
+            ),
+        )
 
 
 class Rebuilt:

@@ -65,8 +65,8 @@ JOURNAL_RATIO = 0.25
 """Compaction starts once the journal passes this much of the state file (folding in then
 costs O(1) per write on average), but at least MIN_JOURNAL_BYTES and at most
 MAX_JOURNAL_BYTES (a restart replays the journal: it must stay short) ..."""
-RECENT_BYTES = 16 << 20
-"""... or once the finished records held in memory pass this."""
+RECENT_RECORDS = 20_000
+"""... or once this many finished records wait in memory for it (a few tens of MB)."""
 
 
 class StateError(Exception):
@@ -90,8 +90,8 @@ class StateStore:
         self.journal_path = path.with_name(path.name + ".journal")
         self.index_path = path.with_name(path.name + ".index")
         self._hot: Collections = {}
-        self._recent: dict[str, dict[int, bytes]] = {}
-        self._recent_bytes = 0
+        self._recent: dict[str, dict[int, Value]] = {}
+        self._recent_count = 0
         self._cold: dict[str, ColdIndex] = {}
         self._gone: dict[str, set[int]] = {}
         self._fresh: dict[str, Fresh] = {}
@@ -233,8 +233,8 @@ class StateStore:
         old = fresh.meta.get(number)
         if old is not None:
             self._hot.get(name, {}).pop(key, None)
-            data = self._recent[name].pop(number, None)
-            self._recent_bytes -= len(data) if data is not None else 0
+            if self._recent[name].pop(number, None) is not None:
+                self._recent_count -= 1
         else:
             old = self._forget_cold(name, number)
         if old is not None:
@@ -248,9 +248,9 @@ class StateStore:
         if self.layout.is_live(value):
             self._hot.setdefault(name, {})[key] = value
         else:
-            data = dumps(value)
-            self._recent[name][number] = data
-            self._recent_bytes += len(data)
+            # Kept as it is; encoded by the compaction, off the event loop.
+            self._recent[name][number] = value
+            self._recent_count += 1
         fresh.put(number, owner, label)
         self._counts[name][label] += 1
 
@@ -276,10 +276,9 @@ class StateStore:
             number = int(key)
         except ValueError:
             return None
-        data = self._recent[name].get(number)
-        if data is not None:
-            value: Value = orjson.loads(data)
-            return value
+        recent = self._recent[name].get(number)
+        if recent is not None:
+            return recent
         if number in self._gone[name]:
             return None
         position = self._cold[name].find(number)
@@ -325,7 +324,7 @@ class StateStore:
             self._fresh[name],
             self._counts[name],
         )
-        self._recent_bytes -= sum(len(data) for data in self._recent[name].values())
+        self._recent_count -= len(self._recent[name])
         self._reset(name)
         self._cleared.add(name)
         return _Undo(name, "", cleared=kept)
@@ -340,7 +339,7 @@ class StateStore:
                 name = undo.collection
                 self._hot[name], self._recent[name], self._cold[name] = undo.cleared[:3]
                 self._gone[name], self._fresh[name], self._counts[name] = undo.cleared[3:]
-                self._recent_bytes += sum(len(data) for data in self._recent[name].values())
+                self._recent_count += len(self._recent[name])
 
     # -- what the job layer reads --------------------------------------------------------
 
@@ -360,7 +359,7 @@ class StateStore:
         """Returns up to `limit` records of an indexed collection (of `owner`, with `label`,
         if given) with a key below `before`, highest key first; through the indexes, so the
         cost is that of the page, not of the collection."""
-        fresh = self._fresh[collection].descending(owner, label, before)
+        fresh = iter(self._fresh[collection].highest(owner, label, before, limit))
         index, gone = self._cold[collection], self._gone[collection]
         cold = (
             (index.ids[position], position)
@@ -455,7 +454,7 @@ class StateStore:
         if self._compaction is not None or self._journal is None:
             return
         bound = min(max(MIN_JOURNAL_BYTES, JOURNAL_RATIO * self._state_bytes), MAX_JOURNAL_BYTES)
-        if self._journal_bytes >= bound or self._recent_bytes >= RECENT_BYTES:
+        if self._journal_bytes >= bound or self._recent_count >= RECENT_RECORDS:
             self._compaction = asyncio.ensure_future(self._compact())
 
     async def compact(self) -> None:
@@ -537,10 +536,11 @@ class StateStore:
             recent = self._recent[name]
             for number in snapshot.recent.get(name, {}):
                 if number not in touched:
-                    self._recent_bytes -= len(recent.pop(number))
+                    del recent[number]
+                    self._recent_count -= 1
             hot = self._hot.get(name, {})
             meta = self._fresh[name].meta
-            self._fresh[name] = Fresh.of(
+            self._fresh[name] = Fresh(
                 {number: meta[number] for number in meta if number in recent or str(number) in hot}
             )
 
@@ -584,10 +584,11 @@ class StateStore:
 
     @property
     def sizes(self) -> dict[str, int]:
-        """Returns the bytes of the state file and the journal, and those held in memory."""
+        """Returns the bytes of the state file, the journal and the index, and how many
+        finished records wait in memory for the next compaction."""
         return {
             "state": self._state_bytes,
             "journal": self._journal_bytes,
-            "recent": self._recent_bytes,
+            "recent": self._recent_count,
             "index": sum(index.nbytes for index in self._cold.values()),
         }
