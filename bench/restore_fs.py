@@ -93,6 +93,10 @@ async def service_restore(
         data = await wait_finished(session, f"{service.base}{API}/restore/{restore_id}", user)
     if data["status"] != "success":
         raise RuntimeError(f"restore {restore_id} ended {data['status']}: {data['extra']}")
+    log(
+        f"restore {restore_id}: started {parse_time(data['started_at']) - sent:.3f} s after "
+        f"the POST, ran {parse_time(data['finished_at']) - parse_time(data['started_at']):.3f} s"
+    )
     return parse_time(data["finished_at"]) - sent
 
 

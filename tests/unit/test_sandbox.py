@@ -141,3 +141,22 @@ def test_writable_refuses_a_folder_reached_through_a_symlink(users: Path, folder
     assert done.returncode == sandbox.EXIT_REFUSED, done.stderr
     assert done.stderr.startswith(sandbox.MESSAGE_PREFIX)
     assert not (users / "alice" / "x").exists() and not Path("/etc/ssh/x").exists()
+
+
+@pytest.mark.parametrize(
+    "confinement",
+    [
+        Confinement("/srv/fa/data/users", "alice"),
+        Confinement("/srv/a:b", "bob", "x:y\nz/ü/\udcff", writable=True),
+    ],
+)
+def test_a_confinement_travels_whole_in_one_environment_value(confinement: Confinement) -> None:
+    value = confinement.encode()
+    assert "\n" not in value and "\0" not in value
+    assert Confinement.decode(value) == confinement
+
+
+@pytest.mark.parametrize("value", ["", "a:b:c", "zz:00:00:1", "00:00:00:2", "00:00:00:00:1"])
+def test_a_value_that_is_not_a_confinement_is_refused(value: str) -> None:
+    with pytest.raises(ValueError):
+        Confinement.decode(value)
