@@ -532,7 +532,7 @@ class StateStore:
             index = ColdIndex() if name in self._cleared else indexes[name]
             touched = self._touched[name]
             self._cold[name] = index
-            self._gone[name] = {number for number in touched if index.find(number) is not None}
+            self._gone[name] = self._folded(name, index, touched, snapshot)
             recent = self._recent[name]
             for number in snapshot.recent.get(name, {}):
                 if number not in touched:
@@ -543,6 +543,24 @@ class StateStore:
             self._fresh[name] = Fresh(
                 {number: meta[number] for number in meta if number in recent or str(number) in hot}
             )
+
+    @staticmethod
+    def _folded(
+        name: str, index: ColdIndex, touched: set[int], snapshot: compaction.Snapshot
+    ) -> set[int]:
+        """Returns the keys of `touched` that the new index holds.
+
+        A key that was in memory when the snapshot was taken is in it if it was finished
+        then (a dict lookup); only the others need a search of the index (a cancel-all
+        touches 50,000 pending jobs during one compaction: 50,000 searches held the loop
+        for a quarter of a second).
+        """
+        in_memory, recent = snapshot.meta.get(name, {}), snapshot.recent.get(name, {})
+        return {
+            number
+            for number in touched
+            if ((number in recent) if number in in_memory else (index.find(number) is not None))
+        }
 
     def _remove_segments(self, up_to: int) -> None:
         for number, segment in self._segments():
