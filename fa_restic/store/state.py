@@ -30,6 +30,7 @@ import asyncio
 import logging
 import os
 import secrets
+import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -45,7 +46,6 @@ from fa_restic.store.index import ColdIndex, Fresh, load_indexes
 from fa_restic.store.operations import (
     Clear,
     Collections,
-    Delete,
     Layout,
     Operation,
     Put,
@@ -65,6 +65,8 @@ JOURNAL_RATIO = 0.25
 """Compaction starts once the journal passes this much of the state file (folding in then
 costs O(1) per write on average), but at least MIN_JOURNAL_BYTES and at most
 MAX_JOURNAL_BYTES (a restart replays the journal: it must stay short) ..."""
+QUIET_SECONDS = 0.25
+"""A compaction waits for writes to pause this long (up to twice its bound)."""
 RECENT_RECORDS = 20_000
 """... or once this many finished records wait in memory for it (a few tens of MB)."""
 
@@ -73,7 +75,7 @@ class StateError(Exception):
     """The state file or its journal cannot be read; the message names the file."""
 
 
-@dataclass
+@dataclass(slots=True)
 class _Undo:
     collection: str
     key: str
@@ -102,6 +104,7 @@ class StateStore:
         self._state_bytes = 0
         self._segment = 1
         self._failures = 0
+        self._last_write = 0.0
         self._touched: dict[str, set[int]] | None = None
         self._cleared: set[str] = set()
         self._compaction: asyncio.Future[None] | None = None
@@ -228,31 +231,40 @@ class StateStore:
             else:
                 self._hot.setdefault(name, {})[key] = value
             return
+        # Runs once per changed record on the event loop (a cancel-all: 50,000 times), so
+        # plain dict operations on local names.
         number = int(key)
-        fresh = self._fresh[name]
-        old = fresh.meta.get(number)
+        meta = self._fresh[name].meta
+        hot = self._hot.get(name)
+        recent = self._recent[name]
+        old = meta.get(number)
         if old is not None:
-            self._hot.get(name, {}).pop(key, None)
-            if self._recent[name].pop(number, None) is not None:
+            if hot is not None:
+                hot.pop(key, None)
+            if recent.pop(number, None) is not None:
                 self._recent_count -= 1
         else:
             old = self._forget_cold(name, number)
+        counts = self._counts[name]
         if old is not None:
-            self._counts[name][old[1]] -= 1
+            counts[old[1]] -= 1
         if self._touched is not None:
             self._touched[name].add(number)
         if value is None:
-            fresh.remove(number)
+            meta.pop(number, None)
             return
-        owner, label = self.layout.owner_of(value), self.layout.label_of(value)
-        if self.layout.is_live(value):
-            self._hot.setdefault(name, {})[key] = value
+        layout = self.layout
+        label = value.get(layout.label_field, "")
+        if layout.is_live(value):
+            if hot is None:
+                hot = self._hot[name] = {}
+            hot[key] = value
         else:
             # Kept as it is; encoded by the compaction, off the event loop.
-            self._recent[name][number] = value
+            recent[number] = value
             self._recent_count += 1
-        fresh.put(number, owner, label)
-        self._counts[name][label] += 1
+        meta[number] = (value.get(layout.owner_field, ""), label)
+        counts[label] += 1
 
     def _forget_cold(self, name: str, number: int) -> tuple[str, str] | None:
         """Masks `number` in the index; returns its (owner, label) if it was there."""
@@ -295,21 +307,23 @@ class StateStore:
         """Applies `batch` in memory; returns how to take it back (when `undo`)."""
         undos: list[_Undo] = []
         for operation in batch:
-            if isinstance(operation, Clear):
+            kind = type(operation)
+            if kind is Clear:
                 undos.append(self._clear(operation.collection))
                 continue
+            name, key = operation.collection, operation.key  # type: ignore[union-attr]
             previous = None
-            if undo or isinstance(operation, Update):
-                previous = self._value(operation.collection, operation.key)
+            if undo or kind is Update:
+                previous = self._value(name, key)
             if undo:
-                undos.append(_Undo(operation.collection, operation.key, previous))
-            if isinstance(operation, Put):
-                self._set(operation.collection, operation.key, operation.value)
-            elif isinstance(operation, Update):
+                undos.append(_Undo(name, key, previous))
+            if kind is Put:
+                self._set(name, key, operation.value)  # type: ignore[union-attr]
+            elif kind is Update:
                 if previous is not None:  # a new dict: a compaction may be reading the old one
-                    self._set(operation.collection, operation.key, {**previous, **operation.fields})
-            elif isinstance(operation, Delete):
-                self._set(operation.collection, operation.key, None)
+                    self._set(name, key, {**previous, **operation.fields})  # type: ignore[union-attr]
+            else:
+                self._set(name, key, None)
         return undos
 
     def _clear(self, name: str) -> _Undo:
@@ -451,11 +465,27 @@ class StateStore:
     # -- compaction ----------------------------------------------------------------------
 
     def _maybe_compact(self) -> None:
+        self._last_write = time.monotonic()
         if self._compaction is not None or self._journal is None:
             return
+        if self._over(1):
+            self._compaction = asyncio.ensure_future(self._compact_when_quiet())
+
+    def _over(self, times: int) -> bool:
+        """True when the journal or the finished records held pass `times` their bound."""
         bound = min(max(MIN_JOURNAL_BYTES, JOURNAL_RATIO * self._state_bytes), MAX_JOURNAL_BYTES)
-        if self._journal_bytes >= bound or self._recent_count >= RECENT_RECORDS:
-            self._compaction = asyncio.ensure_future(self._compact())
+        return self._journal_bytes >= times * bound or self._recent_count >= times * RECENT_RECORDS
+
+    async def _compact_when_quiet(self) -> None:
+        """Compacts once writes pause for QUIET_SECONDS, or at once past twice the bound.
+
+        A compaction's thread competes with the event loop for the GIL: during a burst of
+        writes (a cancel-all of 50,000 jobs) it would slow the burst and every request
+        answered meanwhile; the journal can wait a moment.
+        """
+        while time.monotonic() - self._last_write < QUIET_SECONDS and not self._over(2):  # noqa: ASYNC110 - a pause in writes is no event
+            await asyncio.sleep(QUIET_SECONDS)
+        await self._compact()
 
     async def compact(self) -> None:
         """Folds the journal into the state file now (after a running compaction); returns
