@@ -342,8 +342,7 @@ def report(small: dict[str, Any], large: dict[str, Any], http: dict[str, Any]) -
         f"{verdict(growth <= GOALS['post_p50_growth'])})",
         f"get_p50_ms 1k {small['get_p50_ms']:.2f}, {n} {large['get_p50_ms']:.2f}; "
         f"p99 {small['get_p99_ms']:.2f} / {large['get_p99_ms']:.2f}",
-        f"  state folder at {n}: {large['files_after']}; built in "
-        f"{large['build_seconds']:.0f} s",
+        f"  state folder at {n}: {large['files_after']}; built in {large['build_seconds']:.0f} s",
         f"  50k over HTTP: {http['post_seconds']:.0f} s of POSTs, cancel-all "
         f"{http['cancel_all_seconds']:.2f} s, files {http['files_after_cancel_all']}, "
         f"RSS {http['rss_mb_before_cancel_all']:.0f} MB before the cancel-all, "
