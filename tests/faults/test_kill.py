@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from fa_restic.jobs.records import LAYOUT
+from fa_restic.store import StateStore
 from tests.faults.service_process import ServiceProcess, wait_no_restic
 from tests.helpers import make_home, make_random_tree, make_small_tree, run_restic
 
@@ -128,16 +130,13 @@ def test_sigterm_with_two_running_backups_exits_cleanly_and_resumes(
     wait_no_restic(service.folder / "repo", timeout=1.0)
     locks = sorted((service.folder / "repo" / "locks").iterdir())
     assert locks == [], "SIGINT lets restic remove its own lock"
-    state = json.loads((service.folder / "state.json").read_text())
-    journal = (service.folder / "state.json.journal").read_text().splitlines()
-    statuses = {}
-    for entry in [state["collections"]] + [json.loads(line) for line in journal]:
-        if "backup" in entry:
-            for key, value in entry["backup"].items():
-                statuses[key] = value["status"]
-        for operation in entry.get("ops", []):
-            if operation.get("put") == "backup":
-                statuses[operation["key"]] = operation["value"]["status"]
+    # What a restart reads (the state file, its index and the journal, as the service does).
+    store = StateStore(service.folder / "state.json", LAYOUT)
+    try:
+        live = store.load().get("backup", {})
+    finally:
+        store.close()
+    statuses = {key: value["status"] for key, value in live.items()}
     assert statuses == {"1": "pending", "2": "pending"}
     service.start()
     for backup_id in (1, 2):
