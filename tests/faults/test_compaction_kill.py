@@ -16,7 +16,7 @@ import pytest
 from fa_restic.jobs.records import LAYOUT
 from fa_restic.store import Put, StateStore
 
-WRITER = Path(__file__).parent / "fakes" / "store_writer.py"
+WRITER = Path(__file__).parent / "store_writer.py"
 PREFILLED = 30_000
 DELAYS = (0.0, 0.005, 0.02, 0.05, 0.1, 0.2, 0.4, 0.8)
 """Seconds from seeing a compaction start (a turned journal) to the SIGKILL."""
