@@ -99,6 +99,9 @@ class RestoreRequest(RequestBody):
 class ListQuery(RequestBody):
     """The query of `GET /backup` and `GET /restore` (strings, read leniently)."""
 
+    # A parameter it does not know is a mistake worth saying (`?stauts=failed` would list all).
+    model_config = ConfigDict(extra="forbid")
+
     status: JobStatus | None = None
     limit: Annotated[int, Field(ge=1, le=MAX_LIMIT)] = DEFAULT_LIMIT
     after: Annotated[int, Field(gt=0, le=MAX_ID)] | None = Field(
@@ -109,6 +112,8 @@ class ListQuery(RequestBody):
 
 class FilesQuery(RequestBody):
     """The query of `GET /backup/{id}/files`."""
+
+    model_config = ConfigDict(extra="forbid")
 
     path: str = Field(default="", description="a folder in the backup; empty: its top")
     limit: Annotated[int, Field(ge=1, le=MAX_LIMIT)] = DEFAULT_LIMIT
