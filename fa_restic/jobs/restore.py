@@ -62,14 +62,18 @@ def tree_bytes(root: Path) -> int:
 
 
 async def poll_progress(
-    restic: ResticRunner, snapshot_id: str, target: Path, on_progress: ProgressHandler
+    restic: ResticRunner,
+    snapshot_id: str,
+    target: Path,
+    on_progress: ProgressHandler,
+    baseline: int = 0,
 ) -> None:
     """Reports restore progress from the bytes written under `target`, until cancelled.
 
     For restic < 0.16, which prints no restore status. `target` is a staging folder or,
-    for a restore straight into dst, dst itself: bytes already there are not counted.
+    for a restore straight into dst, dst itself: the `baseline` bytes that were there
+    before restic started are not counted.
     """
-    baseline = await asyncio.to_thread(tree_bytes, target)
     try:
         stats = await restic.stats(snapshot_id)
     except ResticError:
@@ -116,7 +120,12 @@ async def run_restore(
 
     poller: asyncio.Task[None] | None = None
     if not restic.has(Feature.RESTORE_PROGRESS_JSON):
-        poller = asyncio.create_task(poll_progress(restic, snapshot_id, target, on_progress))
+        # Measured before restic starts: measured beside it, what restic wrote first would
+        # count as there before (a busy machine showed no progress at all).
+        baseline = await asyncio.to_thread(tree_bytes, target)
+        poller = asyncio.create_task(
+            poll_progress(restic, snapshot_id, target, on_progress, baseline)
+        )
     try:
         return await restic.restore(
             snapshot_id,
