@@ -176,6 +176,13 @@ def _runner(
     headers = auth("alice")
     if strategy is None:
         strategy = operation.as_strategy(generation_mode=mode)
+    checks = CHECKS
+    if any(parameter.location == "query" for parameter in operation.query):
+        # A negative case "with an unknown query parameter and no Authorization" was sent with
+        # neither (the parameter dropped by the serialization, the header put back by this
+        # harness) and flagged when the valid request was answered: on the query routes, the
+        # refusal of unknown parameters is checked by test_find_restore instead.
+        checks = [check for check in CHECKS if check is not negative_data_rejection]
 
     @seed(SEED + index)
     @settings(
@@ -198,7 +205,7 @@ def _runner(
             findings.by_status.get(response.status_code, 0) + 1
         )
         try:
-            case.validate_response(response, checks=CHECKS, headers=headers)
+            case.validate_response(response, checks=checks, headers=headers)
             _envelope_checks(case, response)
         except Exception as error:  # a schemathesis FailureGroup or our AssertionError
             findings.failures.append(
