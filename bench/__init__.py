@@ -270,6 +270,14 @@ def cpu_times(pid: int) -> CpuTimes:
     return CpuTimes((utime + stime) / TICKS, (cutime + cstime) / TICKS)
 
 
+def rss_bytes(pid: int) -> int:
+    """Returns a process's resident memory (VmRSS); raises OSError if it is gone."""
+    for line in Path(f"/proc/{pid}/status").read_text(encoding="ascii").splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
 class Service:
     """`fa-restic serve` as a subprocess; log in <folder>/service.log."""
 

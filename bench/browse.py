@@ -44,6 +44,7 @@ from bench import (
     post,
     restic_binary,
     restic_version,
+    rss_bytes,
     say,
     temporary_folder,
     write_config,
@@ -77,13 +78,6 @@ def make_big(root: Path, megabytes: int) -> None:
         folder = root / f"d{index // 16:04d}"
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"f{index:05d}.bin").write_bytes(os.urandom(1 << 20))
-
-
-def rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text(encoding="ascii").splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 async def wait_for(

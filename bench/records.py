@@ -43,6 +43,7 @@ from bench import (
     percentile,
     restic_binary,
     restic_version,
+    rss_bytes,
     say,
     temporary_folder,
     write_config,
@@ -130,10 +131,7 @@ async def build(path: Path, count: int, data_root: Path) -> dict[str, Any]:
 
 
 def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS")
+    return rss_bytes(pid) / (1 << 20)
 
 
 def folder_sizes(state: Path) -> dict[str, int]:

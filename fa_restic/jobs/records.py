@@ -28,9 +28,16 @@ JobKey = tuple[str, int]
 """(kind, id) of a backup or restore."""
 
 
+def is_live(status: str, unsettled: bool) -> bool:
+    """True for a record that may still change: pending, running, or with an attempt to settle.
+
+    The one rule for which records stay objects in memory (Records) and lines the store
+    reads at start (LAYOUT)."""
+    return status in _ACTIVE or unsettled
+
+
 def _is_live(value: dict[str, Any]) -> bool:
-    """True for a record that may still change: pending, running, or with an attempt to settle."""
-    return value.get("status") in _ACTIVE or bool(value.get("unsettled"))
+    return is_live(value.get("status", ""), bool(value.get("unsettled")))
 
 
 _ACTIVE = frozenset({JobStatus.PENDING.value, JobStatus.RUNNING.value})
@@ -225,11 +232,8 @@ class Records:
                 continue
             records: dict[int, Any] = self.of(operation.collection)
             record = records.get(int(operation.key))
-            # As _is_live says, on the object (a cancel-all retires 50,000 at once).
-            if (
-                record is not None
-                and record.status.is_terminal
-                and not getattr(record, "unsettled", False)
+            if record is not None and not is_live(
+                record.status.value, getattr(record, "unsettled", False)
             ):
                 del records[record.id]
 

@@ -139,14 +139,10 @@ def write_state(
     if not still_wanted():
         temporary.unlink(missing_ok=True)
         return None
-    write_file(index_path, index_pieces(snapshot.generation, cold_end, indexes))
+    write_file(index_path, save_indexes(snapshot.generation, cold_end, indexes))
     os.replace(temporary, path)
     fsync_folder(path.parent)
     return indexes, output.offset
-
-
-def index_pieces(generation: str, cold_end: int, indexes: dict[str, ColdIndex]) -> list[bytes]:
-    return save_indexes(generation, cold_end, indexes)
 
 
 def write_file(path: Path, pieces: list[bytes]) -> None:

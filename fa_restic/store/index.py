@@ -102,11 +102,6 @@ class ColdIndex:
         self.owner_starts = _starts(self.by_owner, owners, len(self.owners))
         self.label_starts = _starts(self.by_label, labels, len(self.labels))
 
-    def entries(self) -> Iterator[Entry]:
-        """Yields every record in file order."""
-        for position in range(len(self.ids)):
-            yield self.entry(position)
-
     def entry(self, position: int) -> Entry:
         return Entry(
             self.ids[position],
@@ -230,12 +225,6 @@ class Fresh:
 
     def __init__(self, meta: dict[int, tuple[str, str]] | None = None) -> None:
         self.meta: dict[int, tuple[str, str]] = {} if meta is None else meta
-
-    def put(self, key: int, owner: str, label: str) -> None:
-        self.meta[key] = (owner, label)
-
-    def remove(self, key: int) -> None:
-        self.meta.pop(key, None)
 
     def highest(
         self, owner: str | None, label: str | None, before: int | None, limit: int

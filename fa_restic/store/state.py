@@ -42,7 +42,7 @@ import orjson
 
 from fa_restic.store import compaction
 from fa_restic.store.files import dumps, fsync_folder, make_folders, open_private, write_all
-from fa_restic.store.index import ColdIndex, Fresh, load_indexes
+from fa_restic.store.index import ColdIndex, Fresh, load_indexes, save_indexes
 from fa_restic.store.operations import (
     Clear,
     Collections,
@@ -193,7 +193,7 @@ class StateStore:
         if found is None:
             for name, index in made.items():
                 self._install_index(name, index)
-            pieces = compaction.index_pieces(generation, start, self._cold)
+            pieces = save_indexes(generation, start, self._cold)
             compaction.write_file(self.index_path, pieces)
 
     def _install_index(self, name: str, index: ColdIndex) -> None:
