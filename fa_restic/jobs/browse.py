@@ -19,7 +19,8 @@ import bisect
 import logging
 import sys
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass
 from operator import itemgetter
 from typing import Any
@@ -137,12 +138,19 @@ class Level:
 class TreeCache:
     """Snapshot trees read with `restic ls`, least recently used first out, within a budget.
 
-    Concurrent requests for a tree not yet cached share one `restic ls`.
+    Concurrent requests for a tree not yet cached share one `restic ls`, which runs inside
+    `reading()` (the scheduler's: never beside forget, prune or destroy).
     """
 
-    def __init__(self, restic: ResticRunner, budget_bytes: int = DEFAULT_BUDGET_BYTES) -> None:
+    def __init__(
+        self,
+        restic: ResticRunner,
+        budget_bytes: int = DEFAULT_BUDGET_BYTES,
+        reading: Callable[[], AbstractAsyncContextManager[None]] = nullcontext,
+    ) -> None:
         self.restic = restic
         self.budget_bytes = budget_bytes
+        self.reading = reading
         self.bytes = 0
         self._trees: OrderedDict[str, Tree] = OrderedDict()
         self._loading: dict[str, asyncio.Future[Tree]] = {}
@@ -168,7 +176,8 @@ class TreeCache:
 
     async def _read(self, snapshot_id: str) -> Tree:
         tree = Tree()
-        await self.restic.ls(snapshot_id, tree.add)
+        async with self.reading():
+            await self.restic.ls(snapshot_id, tree.add)
         tree.finish()
         self._keep(snapshot_id, tree)
         return tree

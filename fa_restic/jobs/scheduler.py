@@ -12,6 +12,10 @@ jobs costs 50,000 small steps, not 50,000².
 
 Exclusive maintenance never starves users: when a job is waiting, preemptible
 maintenance (prune) is interrupted and runs again later.
+
+Shared reads outside the queue (browsing a backup's tree with `restic ls`) go through
+`reading`: they wait for exclusive work as a job would, and keep it from starting while
+they read, so a browse never meets a prune's exclusive lock.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import asyncio
 import contextlib
 import logging
 from collections import OrderedDict
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,6 +92,10 @@ class Scheduler:
         self._loop_task: asyncio.Task[None] | None = None
         self._paused = False
         self._holds = 0
+        self._readers = 0
+        """Shared reads in progress (`reading`)."""
+        self._reader_waits: list[asyncio.Future[None]] = []
+        """Shared reads waiting for exclusive work to end."""
 
     # -- what the job layer tells it ------------------------------------------------
 
@@ -167,6 +175,35 @@ class Scheduler:
         """Runs `work` as `request` does and waits for it; raises what the work raised."""
         await self.request(work)
 
+    @contextlib.asynccontextmanager
+    async def reading(self) -> AsyncIterator[None]:
+        """Shared repository work outside the queue (a browse's `restic ls`).
+
+        Waits while exclusive work runs or is requested (interrupting preemptible
+        maintenance, as a waiting job does), then keeps exclusive work from starting
+        until the block ends.
+        """
+        if self._exclusive is None and not self._requests:
+            self._readers += 1
+        else:
+            waiting: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._reader_waits.append(waiting)
+            self.wake()
+            try:
+                await waiting  # `_step` counts this read in as it lets it go
+            except BaseException:
+                if waiting in self._reader_waits:
+                    self._reader_waits.remove(waiting)
+                elif not waiting.cancelled():  # let go, then cancelled before it resumed
+                    self._readers -= 1
+                    self.wake()
+                raise
+        try:
+            yield
+        finally:
+            self._readers -= 1
+            self.wake()
+
     # -- the loop ---------------------------------------------------------------------
 
     def start(self) -> None:
@@ -203,20 +240,26 @@ class Scheduler:
             return
         if self._exclusive is not None:
             work, task = self._exclusive
-            if self._queued and work.preemptible and not task.cancelling():
+            waiting = self._queued or self._reader_waits
+            if waiting and work.preemptible and not task.cancelling():
                 log.info("maintenance %s interrupted: a job is waiting", work.name)
                 task.cancel()
             return
         if self._requests:
-            if not self._running:
+            if not self._running and not self._readers:
                 work, future = self._requests.pop(0)
                 self._start_exclusive(work, future)
             return
+        for waiting_read in self._reader_waits:
+            if not waiting_read.done():
+                self._readers += 1
+                waiting_read.set_result(None)
+        self._reader_waits.clear()
         if self._holds:
             return
         while self._line and len(self._running) < self._max_running:
             self._start_job(self._take_turn())
-        if not self._running and not self._queued:
+        if not self._running and not self._queued and not self._readers:
             maintenance = self._pick_maintenance()
             if maintenance is not None:
                 self._start_exclusive(maintenance, None)

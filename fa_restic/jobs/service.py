@@ -95,7 +95,9 @@ class JobService:
             after_cancel=self.upkeep.want_prune,
         )
         self.scheduler = Scheduler(options.max_running, self.execution.run, self._maintenance)
-        self.browser = Browser(TreeCache(restic, options.browse_cache_bytes))
+        self.browser = Browser(
+            TreeCache(restic, options.browse_cache_bytes, self.scheduler.reading)
+        )
         self.intake = Intake(
             self.records, self.scheduler, options.max_pending_per_user, self.browser
         )

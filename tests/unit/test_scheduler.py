@@ -309,6 +309,94 @@ async def test_other_maintenance_is_not_interrupted_by_a_job() -> None:
         jobs.finish_all()
 
 
+async def test_a_read_waits_for_exclusive_work_and_holds_off_the_next() -> None:
+    """A browse's `restic ls` never meets an exclusive lock (the fuzz run's 500)."""
+    scheduler, _jobs = make()
+    order: list[str] = []
+    release = asyncio.Event()
+
+    async def forget() -> None:
+        order.append("forget start")
+        await release.wait()
+        order.append("forget end")
+
+    async def read(name: str, hold: asyncio.Event) -> None:
+        async with scheduler.reading():
+            order.append(f"{name} start")
+            assert scheduler.exclusive_name is None, "a read beside exclusive work"
+            await hold.wait()
+            order.append(f"{name} end")
+
+    scheduler.start()
+    try:
+        first = scheduler.request(ExclusiveWork("forget", forget))
+        await settle()
+        assert order == ["forget start"]
+        go_on = asyncio.Event()
+        reader = asyncio.create_task(read("read", go_on))
+        await settle()
+        assert order == ["forget start"], "the read did not wait for the forget"
+        release.set()
+        await first
+        await settle()
+        assert order == ["forget start", "forget end", "read start"]
+        second = scheduler.request(ExclusiveWork("prune", forget))
+        await settle()
+        assert order[-1] == "read start", "exclusive work started beside a read"
+        go_on.set()
+        await reader
+        await second
+        assert order[-3:] == ["read end", "forget start", "forget end"]
+    finally:
+        await scheduler.stop()
+
+
+async def test_a_waiting_read_interrupts_a_prune_and_a_cancelled_one_counts_out() -> None:
+    interrupted = asyncio.Event()
+    picked: list[str] = []
+
+    async def prune() -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            interrupted.set()
+            raise
+
+    def pick() -> ExclusiveWork | None:
+        if len(picked) == 2:
+            return None
+        picked.append("prune")
+        return ExclusiveWork("prune", prune, preemptible=True)
+
+    scheduler, _jobs = make(maintenance=pick)
+    scheduler.start()
+    try:
+        await settle()
+        assert scheduler.exclusive_name == "prune"
+        async with asyncio.timeout(2):
+            async with scheduler.reading():
+                assert interrupted.is_set() and scheduler.exclusive_name is None
+                await settle()
+                assert scheduler.exclusive_name is None, "maintenance picked during a read"
+        await settle()
+        assert scheduler.exclusive_name == "prune", "maintenance not picked after the read"
+        # A read cancelled while it waits leaves no count behind: maintenance runs again.
+        interrupted.clear()
+        waiting = asyncio.create_task(_read_forever(scheduler))
+        await asyncio.wait_for(interrupted.wait(), 2)
+        waiting.cancel()
+        await asyncio.gather(waiting, return_exceptions=True)
+        await settle()
+        assert scheduler._readers == 0
+    finally:
+        await scheduler.stop()
+
+
+async def _read_forever(scheduler: Scheduler) -> None:
+    async with scheduler.reading():
+        await asyncio.Event().wait()
+
+
 def test_queue_and_dequeue_of_fifty_thousand_is_linear() -> None:
     """Dequeue used to rebuild a heap: a cancel-all of 50,000 took 50,000² steps."""
 
