@@ -1,0 +1,7 @@
+"""Many nodes, one repository (SPEC §10): the records and the scheduling primitives the
+nodes share, in PostgreSQL. Not used by a single node, whose records stay in the state file."""
+
+from fa_restic.cluster.database import Database, DatabaseUnavailable
+from fa_restic.cluster.records import DatabaseRecords, Job
+
+__all__ = ["Database", "DatabaseRecords", "DatabaseUnavailable", "Job"]

@@ -1,0 +1,313 @@
+"""The job records in the cluster's database, and the primitives nodes schedule with.
+
+The collections are those of the single-node store (fa_restic.jobs.records), spelled here
+again because this package sits below the job layer and may not import it (the
+import-linter layers in pyproject.toml); tests/cluster checks the two spellings agree:
+
+- "backup" and "restore": the `jobs` table, one row per (kind, id), the record as jsonb;
+- "forget": the `forgets` table, by snapshot id;
+- "meta": the `meta` table, by name.
+
+Every write is committed before the call returns, so what one node acknowledged any other
+reads at once. Every operation raises DatabaseUnavailable (an OSError) when the database
+cannot be reached.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from psycopg import sql
+from psycopg.types.json import Jsonb
+
+from fa_restic.cluster.database import Database
+from fa_restic.names import JobKind, JobStatus
+from fa_restic.store import Clear, Delete, Operation, Put, Update, Value
+
+BACKUPS = JobKind.BACKUP.value
+RESTORES = JobKind.RESTORE.value
+FORGETS = "forget"
+META = "meta"
+JOB_COLLECTIONS = frozenset({BACKUPS, RESTORES})
+COLLECTIONS = (BACKUPS, RESTORES, FORGETS, META)
+
+_PENDING = JobStatus.PENDING.value
+_RUNNING = JobStatus.RUNNING.value
+_FAILED = JobStatus.FAILED.value
+
+LINE_LOOKAHEAD = 4
+"""A claim of n slots considers the 4·n users at the head of the line: enough when other
+nodes claim at the same moment and hold some of their jobs (SKIP LOCKED), without locking
+a job of every waiting user."""
+
+
+@dataclass(frozen=True)
+class _Table:
+    """Where a collection's records are: table, key column, value column."""
+
+    name: str
+    key: str
+    value: str
+
+
+_JOBS = _Table("jobs", "id", "record")
+_COLLECTION_TO_TABLE = {
+    BACKUPS: _JOBS,
+    RESTORES: _JOBS,
+    FORGETS: _Table("forgets", "snapshot_id", "record"),
+    META: _Table("meta", "key", "value"),
+}
+
+
+@dataclass(frozen=True)
+class Job:
+    """A backup or restore record as a claim or a requeue left it."""
+
+    kind: str
+    id: int
+    record: Value
+
+
+def _table(collection: str) -> _Table:
+    try:
+        return _COLLECTION_TO_TABLE[collection]
+    except KeyError:
+        raise ValueError(f"unknown collection {collection!r}") from None
+
+
+def _job_kind(kind: str) -> str:
+    if kind not in JOB_COLLECTIONS:
+        raise ValueError(f"not a job collection: {kind!r}")
+    return kind
+
+
+def _now_text() -> str:
+    """Returns this moment as the job layer writes times (RFC 3339, UTC, with a Z)."""
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _statement(operation: Operation) -> tuple[sql.Composed, tuple[Any, ...]]:
+    """Returns the statement and parameters that apply one store operation; raises
+    ValueError for an unknown collection or a job key that is not an integer."""
+    table = _table(operation.collection)
+    is_job = table is _JOBS
+    name, key_column, value_column = (
+        sql.Identifier(table.name),
+        sql.Identifier(table.key),
+        sql.Identifier(table.value),
+    )
+    # Jobs are keyed by (kind, id); the other tables by their key alone.
+    where = sql.SQL("kind = %s AND id = %s") if is_job else sql.SQL("{} = %s").format(key_column)
+    key: tuple[Any, ...] = ()
+    if not isinstance(operation, Clear):
+        key = (operation.collection, int(operation.key)) if is_job else (operation.key,)
+    if isinstance(operation, Put):
+        columns = (
+            sql.SQL("kind, id, record")
+            if is_job
+            else sql.SQL("{}, {}").format(key_column, value_column)
+        )
+        conflict = sql.SQL("kind, id") if is_job else key_column
+        query = sql.SQL(
+            "INSERT INTO {table} ({columns}) VALUES ({placeholders}, %s)"
+            " ON CONFLICT ({conflict}) DO UPDATE SET {value} = EXCLUDED.{value}"
+        ).format(
+            table=name,
+            columns=columns,
+            placeholders=sql.SQL(", ").join(sql.Placeholder() for _ in key),
+            conflict=conflict,
+            value=value_column,
+        )
+        return query, (*key, Jsonb(operation.value))
+    if isinstance(operation, Update):
+        # jsonb's || is the shallow merge of Update; a missing record stays missing.
+        query = sql.SQL("UPDATE {table} SET {value} = {value} || %s WHERE {where}").format(
+            table=name, value=value_column, where=where
+        )
+        return query, (Jsonb(operation.fields), *key)
+    if isinstance(operation, Delete):
+        query = sql.SQL("DELETE FROM {table} WHERE {where}").format(table=name, where=where)
+        return query, key
+    if is_job:
+        return sql.SQL("DELETE FROM jobs WHERE kind = %s").format(), (operation.collection,)
+    return sql.SQL("DELETE FROM {table}").format(table=name), ()
+
+
+class DatabaseRecords:
+    """The records of every node, and the claims and leases that share the work."""
+
+    def __init__(self, database: Database) -> None:
+        self.database = database
+
+    # -- writing -------------------------------------------------------------------------
+
+    async def insert(self, kind: str, job_id: int, user: str, value: Value) -> bool:
+        """Adds a new job record; returns False, changing nothing, if (kind, id) exists.
+
+        Of several nodes inserting one id at once exactly one gets True. Committed when it
+        returns. Raises ValueError if `value` names another id or user than given.
+        """
+        if value.get("id", job_id) != job_id or value.get("user", user) != user:
+            raise ValueError("the record's id and user must be those given")
+        async with self.database.connection() as connection:
+            cursor = await connection.execute(
+                "INSERT INTO jobs (kind, id, record) VALUES (%s, %s, %s)"
+                " ON CONFLICT (kind, id) DO NOTHING RETURNING id",
+                (_job_kind(kind), job_id, Jsonb(value)),
+            )
+            return await cursor.fetchone() is not None
+
+    async def write(self, operations: Iterable[Operation]) -> None:
+        """Applies a batch of store operations atomically, in order, in one transaction;
+        returns once it is committed.
+
+        Raises DatabaseUnavailable (nothing changed then, unless the commit itself was cut
+        short) or ValueError for an unknown collection or a job key that is not an integer
+        (nothing is sent then).
+        """
+        statements = [_statement(operation) for operation in operations]
+        if not statements:
+            return
+        async with self.database.transaction() as connection:
+            # Runs of one statement go as one executemany (pipelined): a cancel-all's 50,000
+            # updates cost round trips by the batch, not by the record.
+            start = 0
+            while start < len(statements):
+                query = statements[start][0]
+                end = start + 1
+                while end < len(statements) and statements[end][0] == query:
+                    end += 1
+                async with connection.cursor() as cursor:
+                    await cursor.executemany(query, [params for _, params in statements[start:end]])
+                start = end
+
+    async def next_sequence(self) -> int:
+        """Returns the next queue position, unique and increasing across every node."""
+        async with self.database.connection() as connection:
+            cursor = await connection.execute("SELECT nextval('job_sequence')")
+            row = await cursor.fetchone()
+        assert row is not None
+        return int(row[0])
+
+    async def raise_sequence(self, at_least: int) -> None:
+        """Makes `next_sequence` return more than `at_least` from now on (after an import)."""
+        async with self.database.connection() as connection:
+            await connection.execute(
+                "SELECT setval('job_sequence',"
+                " greatest(%s, (SELECT last_value FROM job_sequence)))",
+                (max(at_least, 1),),
+            )
+
+    # -- reading -------------------------------------------------------------------------
+
+    async def read(self, collection: str, key: str | int) -> Value | None:
+        """Returns one record, or None; raises ValueError for an unknown collection."""
+        table = _table(collection)
+        async with self.database.connection() as connection:
+            if table is _JOBS:
+                try:
+                    job_id = int(key)
+                except ValueError:
+                    return None
+                cursor = await connection.execute(
+                    "SELECT record FROM jobs WHERE kind = %s AND id = %s", (collection, job_id)
+                )
+            else:
+                query = sql.SQL("SELECT {value} FROM {table} WHERE {key} = %s").format(
+                    value=sql.Identifier(table.value),
+                    table=sql.Identifier(table.name),
+                    key=sql.Identifier(table.key),
+                )
+                cursor = await connection.execute(query, (str(key),))
+            row = await cursor.fetchone()
+        return None if row is None else dict(row[0])
+
+    async def page(
+        self,
+        kind: str,
+        *,
+        owner: str | None = None,
+        label: str | None = None,
+        before: int | None = None,
+        limit: int = 100,
+    ) -> list[Value]:
+        """Returns up to `limit` records of `kind` (of `owner`, with status `label`, if given)
+        with an id below `before`, highest id first; through an index, so the cost is the
+        page's, whatever the number of records (StateStore.page's semantics)."""
+        conditions = [sql.SQL("kind = %s")]
+        params: list[Any] = [_job_kind(kind)]
+        for condition, value in (
+            ("owner = %s", owner),
+            ("status = %s", label),
+            ("id < %s", before),
+        ):
+            if value is not None:
+                conditions.append(sql.SQL(condition))
+                params.append(value)
+        query = sql.SQL("SELECT record FROM jobs WHERE {} ORDER BY id DESC LIMIT %s").format(
+            sql.SQL(" AND ").join(conditions)
+        )
+        async with self.database.connection() as connection:
+            cursor = await connection.execute(query, (*params, max(limit, 0)))
+            return [dict(row[0]) for row in await cursor.fetchall()]
+
+    async def counts(self, kind: str) -> dict[str, int]:
+        """Returns status -> how many records of `kind` (statuses with none left out)."""
+        async with self.database.connection() as connection:
+            cursor = await connection.execute(
+                "SELECT status, count(*) FROM jobs WHERE kind = %s GROUP BY status",
+                (_job_kind(kind),),
+            )
+            return {status: int(number) for status, number in await cursor.fetchall()}
+
+    async def total(self, collection: str) -> int:
+        """Returns how many records `collection` holds."""
+        table = _table(collection)
+        async with self.database.connection() as connection:
+            if table is _JOBS:
+                cursor = await connection.execute(
+                    "SELECT count(*) FROM jobs WHERE kind = %s", (collection,)
+                )
+            else:
+                query = sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(table.name))
+                cursor = await connection.execute(query)
+            row = await cursor.fetchone()
+        assert row is not None
+        return int(row[0])
+
+    async def live(self, kind: str) -> dict[str, Value]:
+        """Returns id (as text, as the store keys it) -> record of every live record of
+        `kind`: pending, running or with an attempt to settle (jobs.records.is_live)."""
+        async with self.database.connection() as connection:
+            cursor = await connection.execute(
+                "SELECT id, record FROM jobs WHERE kind = %s AND live ORDER BY id",
+                (_job_kind(kind),),
+            )
+            return {str(job_id): dict(record) for job_id, record in await cursor.fetchall()}
+
+    async def every(self, collection: str) -> dict[str, Value]:
+        """Returns key -> record of every record of a small collection (forget, meta)."""
+        table = _table(collection)
+        if table is _JOBS:
+            raise ValueError("a job collection is read by page or live, not whole")
+        query = sql.SQL("SELECT {key}, {value} FROM {table}").format(
+            key=sql.Identifier(table.key),
+            value=sql.Identifier(table.value),
+            table=sql.Identifier(table.name),
+        )
+        async with self.database.connection() as connection:
+            cursor = await connection.execute(query)
+            return {key: dict(value) for key, value in await cursor.fetchall()}
+
+    async def load(self) -> dict[str, dict[str, Value]]:
+        """Returns what a node keeps in memory, as Store.load does: the live jobs, the
+        forget queue and the meta values."""
+        return {
+            BACKUPS: await self.live(BACKUPS),
+            RESTORES: await self.live(RESTORES),
+            FORGETS: await self.every(FORGETS),
+            META: await self.every(META),
+        }
