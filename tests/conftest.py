@@ -120,6 +120,7 @@ async def make_api(tmp_path: Path, aiohttp_client: Any) -> AsyncIterator[Any]:
         repository_url: str | None = None,
         max_running: int = 2,
         extra: str = "",
+        restic_extra: str = "",
     ) -> Api:
         folder = folder or tmp_path / f"service{len(started)}"
         folder.mkdir(parents=True, exist_ok=True)
@@ -129,6 +130,7 @@ async def make_api(tmp_path: Path, aiohttp_client: Any) -> AsyncIterator[Any]:
             repository_url=repository_url,
             max_running=max_running,
             extra=extra,
+            restic_extra=restic_extra,
         )
         app = await build_app(load_settings(config))
         client = await aiohttp_client(app)

@@ -42,8 +42,10 @@ def write_config(
     port: int = 0,
     max_running: int = 2,
     extra: str = "",
+    restic_extra: str = "",
 ) -> Path:
-    """Writes a config for a service living in `folder`; returns its path."""
+    """Writes a config for a service living in `folder`; returns its path. `extra` goes at
+    the end, `restic_extra` in the `[restic]` table."""
     url = repository_url or "repo"
     text = f"""
 [server]
@@ -62,6 +64,7 @@ password_file = "repo.password"
 binary = "{restic_binary}"
 cache_dir = "cache"
 progress_fps = 4.0
+{restic_extra}
 
 [jobs]
 max_running = {max_running}

@@ -5,7 +5,13 @@ snapshot's whole tree is read once, with one `restic ls --json` streamed line by
 into a compact form (one tuple per entry, grouped by folder and sorted by name), and kept
 in a least-recently-used cache bounded by a byte budget (`[restic] browse_cache_bytes`).
 A level is then a dictionary lookup and a slice. Snapshots never change, so an entry is
-never stale; a tree larger than the whole budget is answered but not kept.
+never stale.
+
+A tree larger than the whole budget is never held: its read stops once past the budget
+(one user's huge backup must not take the service's memory), and its levels are answered
+one at a time, uncached, by `restic ls SNAP /folder`, which prints the folder's node and
+what is directly in it. restic keeps a tree's nodes sorted by name (`restic check` reports
+a tree that is not), so a page stops reading once it has `limit` entries.
 
 Paths are relative to what was backed up: the service backs a folder up as `.` from inside
 it and a file by its name from its folder (jobs.backup), so the tree's top is the folder's
@@ -16,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import logging
 import sys
 from collections import OrderedDict
@@ -41,6 +48,7 @@ _STRING_BYTES = sys.getsizeof("")
 _ENTRY_BYTES = 8 + sys.getsizeof((1, 2, 3, 4)) + 2 * _STRING_BYTES + 32
 """An entry's list slot, its tuple, its name's and mtime's string headers, its size's int."""
 _by_name = itemgetter(0)
+_TOO_LARGE_KEPT = 1000
 
 Entry = tuple[str, str, int, str]
 """(name, type, size, mtime) of one entry of a folder."""
@@ -48,6 +56,14 @@ Entry = tuple[str, str, int, str]
 
 class NotInBackup(JobError):
     """A path that is not in the backup (or not a folder where one is needed)."""
+
+
+class TreeTooLarge(Exception):
+    """A tree's read passed its byte limit (Tree.add raises it to stop `restic ls`)."""
+
+
+class _PageFull(Exception):
+    """A level's page has all it needs (raised to stop `restic ls`)."""
 
 
 ECHO_LIMIT = 200
@@ -73,10 +89,11 @@ class Tree:
     """One snapshot's tree: folder path -> its entries sorted by name; `bytes` is an
     estimate of the memory it holds."""
 
-    def __init__(self) -> None:
+    def __init__(self, limit_bytes: int | None = None) -> None:
         self.folders: dict[str, list[Entry]] = {"": []}
         self.bytes = _FOLDER_OVERHEAD
         self.entries = 0
+        self.limit_bytes = limit_bytes
 
     def add(self, node: TreeNode) -> None:
         """Takes one node of `restic ls --json` (its path from the tree's top).
@@ -96,6 +113,8 @@ class Tree:
         if kind == "dir" and path not in self.folders:
             self.folders[path] = []
             self.bytes += _FOLDER_OVERHEAD + _STRING_BYTES + len(path)
+        if self.limit_bytes is not None and self.bytes > self.limit_bytes:
+            raise TreeTooLarge(f"{self.entries} entries, ~{self.bytes} bytes")
 
     def finish(self) -> None:
         """Sorts every folder by name (restic's order already: timsort just checks it)."""
@@ -135,6 +154,11 @@ class Level:
     next_after: str | None
 
 
+def _level_of(path: str, name: str) -> bool:
+    """True if the tree path `name` (cleaned) is directly in the folder `path` (cleaned)."""
+    return name.rpartition("/")[0] == path
+
+
 class TreeCache:
     """Snapshot trees read with `restic ls`, least recently used first out, within a budget.
 
@@ -153,7 +177,9 @@ class TreeCache:
         self.reading = reading
         self.bytes = 0
         self._trees: OrderedDict[str, Tree] = OrderedDict()
-        self._loading: dict[str, asyncio.Future[Tree]] = {}
+        self._loading: dict[str, asyncio.Future[Tree | None]] = {}
+        self._too_large: OrderedDict[str, None] = OrderedDict()
+        """Snapshots whose tree is larger than the budget (the newest _TOO_LARGE_KEPT)."""
 
     def cached(self, snapshot_id: str) -> Tree | None:
         """Returns a cached tree (now the most recently used), or None."""
@@ -162,10 +188,11 @@ class TreeCache:
             self._trees.move_to_end(snapshot_id)
         return tree
 
-    async def tree(self, snapshot_id: str) -> Tree:
-        """Returns a snapshot's tree, from the cache or read once; raises ResticError."""
+    async def tree(self, snapshot_id: str) -> Tree | None:
+        """Returns a snapshot's tree, from the cache or read once; None for a tree larger
+        than the whole budget (see `level` and `present`). Raises ResticError."""
         tree = self.cached(snapshot_id)
-        if tree is not None:
+        if tree is not None or snapshot_id in self._too_large:
             return tree
         loading = self._loading.get(snapshot_id)
         if loading is None:
@@ -174,25 +201,72 @@ class TreeCache:
         # Shielded: one caller going away does not stop the read the others wait for.
         return await asyncio.shield(loading)
 
-    async def _read(self, snapshot_id: str) -> Tree:
-        tree = Tree()
-        async with self.reading():
-            await self.restic.ls(snapshot_id, tree.add)
+    async def _read(self, snapshot_id: str) -> Tree | None:
+        tree = Tree(limit_bytes=self.budget_bytes)
+        try:
+            async with self.reading():
+                await self.restic.ls(snapshot_id, tree.add)
+        except TreeTooLarge as error:
+            log.info(
+                "browse: the tree of snapshot %s exceeds the cache budget (%d bytes) at %s: "
+                "its levels are read one at a time",
+                snapshot_id[:12],
+                self.budget_bytes,
+                error,
+            )
+            self._too_large[snapshot_id] = None
+            if len(self._too_large) > _TOO_LARGE_KEPT:
+                self._too_large.popitem(last=False)
+            return None
         tree.finish()
         self._keep(snapshot_id, tree)
         return tree
 
+    async def level(
+        self, snapshot_id: str, path: str, after: str | None, limit: int
+    ) -> tuple[list[Entry], str | None]:
+        """Returns a page of the folder `path` (cleaned) as Tree.level does, read with
+        `restic ls SNAP /path` and kept nowhere: memory for `limit` entries, whatever the
+        tree. Raises NotInBackup or ResticError."""
+        page: list[Entry] = []
+        more = False
+        kind: str | None = "dir" if path == "" else None
+
+        def on_node(node: TreeNode) -> None:
+            nonlocal kind, more
+            name = node.path.strip("/")
+            if name == path:
+                kind = node.type
+            elif _level_of(path, name) and (after is None or node.name > after):
+                if len(page) == limit:
+                    more = True
+                    raise _PageFull
+                page.append((node.name, node.type, node.size, node.mtime))
+
+        with contextlib.suppress(_PageFull):
+            async with self.reading():
+                await self.restic.ls(snapshot_id, on_node, ["/" + path])
+        if kind != "dir":
+            what = "not" if kind is None else "a file"
+            raise NotInBackup(f"path: {shown(path)} is {what} a folder in the backup")
+        return page, (page[-1][0] if more and page else None)
+
+    async def present(self, snapshot_id: str, paths: Sequence[str]) -> set[str]:
+        """Returns which of `paths` (cleaned, not the top) are in the snapshot, with one
+        `restic ls` of them all, kept nowhere. Raises ResticError."""
+        wanted = set(paths)
+        found: set[str] = set()
+
+        def on_node(node: TreeNode) -> None:
+            name = node.path.strip("/")
+            if name in wanted:
+                found.add(name)
+
+        async with self.reading():
+            await self.restic.ls(snapshot_id, on_node, ["/" + path for path in sorted(wanted)])
+        return found
+
     def _keep(self, snapshot_id: str, tree: Tree) -> None:
-        if tree.bytes > self.budget_bytes:
-            log.info(
-                "browse: the tree of snapshot %s (%d entries, ~%d bytes) exceeds the cache "
-                "budget (%d bytes): not kept",
-                snapshot_id[:12],
-                tree.entries,
-                tree.bytes,
-                self.budget_bytes,
-            )
-            return
         while self._trees and self.bytes + tree.bytes > self.budget_bytes:
             _, evicted = self._trees.popitem(last=False)
             self.bytes -= evicted.bytes
@@ -237,7 +311,10 @@ class Browser:
         snapshot_id = _browsable(record)
         cleaned = clean_path(path)
         tree = await self.cache.tree(snapshot_id)
-        entries, next_after = tree.level(cleaned, after, limit)
+        if tree is None:
+            entries, next_after = await self.cache.level(snapshot_id, cleaned, after, limit)
+        else:
+            entries, next_after = tree.level(cleaned, after, limit)
         items = [
             {"name": name, "type": kind, "size": size, "mtime": mtime}
             for name, kind, size, mtime in entries
@@ -251,8 +328,10 @@ class Browser:
         """
         if not entries:
             return None
-        tree = await self.cache.tree(_browsable(record))
-        for entry in entries:
-            if entry == "" or tree.find(entry) is None:
-                return entry
-        return None
+        snapshot_id = _browsable(record)
+        tree = await self.cache.tree(snapshot_id)
+        if tree is None:
+            found = await self.cache.present(snapshot_id, [entry for entry in entries if entry])
+        else:
+            found = {entry for entry in entries if entry and tree.find(entry) is not None}
+        return next((entry for entry in entries if entry not in found), None)

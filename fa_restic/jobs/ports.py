@@ -72,8 +72,12 @@ class ResticRunner(Protocol):
         `confinement`, if given); `overwrite` is restic's own `--overwrite` (>= 0.17)."""
         ...
 
-    async def ls(self, snapshot_id: str, on_node: Callable[[TreeNode], None]) -> Snapshot:
-        """Streams every node of a snapshot's tree to `on_node`; returns the snapshot."""
+    async def ls(
+        self, snapshot_id: str, on_node: Callable[[TreeNode], None], paths: Sequence[str] = ()
+    ) -> Snapshot:
+        """Streams every node of a snapshot's tree to `on_node` (with `paths`, absolute in the
+        snapshot: each one's node and what is directly in it); returns the snapshot. Raises
+        ResticError, or what `on_node` raised (restic stopped)."""
         ...
 
     async def snapshots(

@@ -346,11 +346,15 @@ class Restic:
         stats = await self.stats(snapshot_id)
         return RestoreResult(stats.total_size, stats.total_file_count)
 
-    async def ls(self, snapshot_id: str, on_node: NodeHandler) -> Snapshot:
+    async def ls(
+        self, snapshot_id: str, on_node: NodeHandler, paths: Sequence[str] = ()
+    ) -> Snapshot:
         """Streams every node of a snapshot's tree to `on_node`, line by line as restic
-        prints them (never the whole listing in one buffer); returns the snapshot.
+        prints them (never the whole listing in one buffer); returns the snapshot. With
+        `paths` (absolute in the snapshot), only each one's node and what is directly in it.
 
-        Raises ResticError, also for an unknown snapshot (0.14 then exits 0, silent).
+        Raises ResticError, also for an unknown snapshot (0.14 then exits 0, silent), and
+        what `on_node` raises (restic is stopped then).
         """
         snapshot: Snapshot | None = None
 
@@ -362,7 +366,7 @@ class Restic:
             elif isinstance(message, Snapshot) and snapshot is None:
                 snapshot = message
 
-        command = commands.ls_command(self.binary, snapshot_id)
+        command = commands.ls_command(self.binary, snapshot_id, paths)
         completed = await self._run(command, on_stdout=on_stdout)
         if completed.exit_code != 0:
             raise classify(completed.exit_code, completed.stderr_tail)

@@ -8,7 +8,7 @@ always come after `--`.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -154,9 +154,11 @@ def restore_command(
     return Command((*binary.base("restore", "--json"), *arguments, "--", snapshot_id), Lock.SHARED)
 
 
-def ls_command(binary: Binary, snapshot_id: str) -> Command:
-    """Returns `restic ls --json -- SNAP`: the snapshot, then every node, one JSON line each."""
-    return Command((*binary.base("ls", "--json"), "--", snapshot_id), Lock.SHARED)
+def ls_command(binary: Binary, snapshot_id: str, paths: Sequence[str] = ()) -> Command:
+    """Returns `restic ls --json -- SNAP [PATH...]`: the snapshot, then every node, one JSON
+    line each; with paths (absolute in the snapshot), only each path's node and, for a
+    folder, the nodes directly in it."""
+    return Command((*binary.base("ls", "--json"), "--", snapshot_id, *paths), Lock.SHARED)
 
 
 def snapshots_command(

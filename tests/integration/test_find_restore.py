@@ -356,3 +356,49 @@ async def test_the_client_lists_browses_and_restores_a_selection(
     assert [item["overwrite"] for item in restores.json()["items"]] == ["never"], restores
     missing = await fa_restic(api, "ls", "1", "nope")
     assert missing.code == 1 and "nope" in missing.stderr, missing
+
+
+async def test_a_backup_beyond_the_browse_budget_is_browsed_level_by_level(
+    make_api: Any, restic_binary: str
+) -> None:
+    """A cache budget of 1 byte: no tree is ever held; every level is its own `restic ls`,
+    stopped once the page is full."""
+    api: Api = await make_api(restic_binary, restic_extra="browse_cache_bytes = 1")
+    source = make_odd_tree(api.home("alice") / "project")
+    many = source / "many"
+    many.mkdir()
+    for number in range(23):
+        (many / f"f{number:02d} é").write_bytes(b"x" * number)
+    await back_up(api, 1, "project")
+
+    for path, expected in (("", source), ("many", many), (UNICODE_DIR, source / UNICODE_DIR)):
+        names: list[str] = []
+        after: str | None = None
+        while True:
+            query = {"path": path, "limit": "5", **({"after": after} if after else {})}
+            status, page = await files(api, 1, **query)
+            assert (status, page["code"]) == (200, 2001), page
+            assert len(page["data"]["items"]) <= 5
+            names += [item["name"] for item in page["data"]["items"]]
+            after = page["data"]["next_after"]
+            if after is None:
+                break
+        assert names == sorted(os.listdir(expected)), path
+    _, one = await files(api, 1, path="many", after="f06 é", limit="1")
+    assert one["data"]["items"][0] == one["data"]["items"][0] | {"name": "f07 é", "size": 7}
+    for missing in ("nope", "plain/one.txt"):
+        status, refused = await files(api, 1, path=missing)
+        assert (status, refused["code"]) == (400, 400), (missing, refused)
+
+    status, refused = await api.call(
+        "POST",
+        "/restore",
+        json={"restore_id": 1, "backup_id": 1, "dst_path": "sel", "include": ["many", "gone"]},
+    )
+    assert (status, refused["code"]) == (400, 400) and "'gone'" in refused["message"], refused
+    await restore(api, 1, 1, "sel", include=["many/f22 é", GLOB_NAME])
+    assert tree_listing(api.home("alice") / "sel") == {
+        path: listing
+        for path, listing in tree_listing(source).items()
+        if path in ("many", "many/f22 é", GLOB_NAME)
+    }

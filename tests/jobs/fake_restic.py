@@ -117,6 +117,8 @@ class FakeRestic:
         self.restore_results: list[RestoreResult | ResticError] = []
         self.trees: dict[str, list[TreeNode]] = {}
         """Per snapshot id, the nodes `ls` answers (default: none)."""
+        self.nodes_fed = 0
+        """Nodes `ls` has given its callers, in all."""
         self.errors: dict[str, list[ResticError]] = {}
         """Per method name, errors the next calls raise (one each, first in first out)."""
         self.gates: dict[str, list[Gate]] = {}
@@ -313,14 +315,20 @@ class FakeRestic:
         finally:
             self.running.discard("restore")
 
-    async def ls(self, snapshot_id: str, on_node: Callable[[TreeNode], None]) -> Snapshot:
-        self._begin(Call("ls", (snapshot_id,)))
+    async def ls(
+        self, snapshot_id: str, on_node: Callable[[TreeNode], None], paths: Sequence[str] = ()
+    ) -> Snapshot:
+        self._begin(Call("ls", (snapshot_id, *paths)))
         await self._gate("ls")
         snapshot = self.snapshots_by_id.get(snapshot_id)
         if snapshot is None:
             raise ResticError(ErrorKind.FATAL, f"snapshot {snapshot_id[:12]} not found")
         for node in self.trees.get(snapshot_id, []):
-            on_node(node)
+            parent = node.path.rpartition("/")[0] or "/"
+            # As restic: with paths, each one's node and the nodes directly in it.
+            if not paths or node.path in paths or parent in paths:
+                self.nodes_fed += 1
+                on_node(node)
         return snapshot
 
     async def snapshots(

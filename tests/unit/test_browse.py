@@ -225,13 +225,71 @@ async def test_the_cache_keeps_to_its_budget_least_recently_used_first() -> None
     assert [call.args[0] for call in restic.calls_of("ls")] == [first, second, third, second]
 
 
-async def test_a_tree_beyond_the_whole_budget_is_answered_but_not_kept() -> None:
+async def test_a_tree_beyond_the_whole_budget_is_never_held() -> None:
+    """One user's huge backup must not take the service's memory: the read stops at the
+    budget, and the tree is not read again."""
     restic = fake_with_trees(1)
     (snapshot_id,) = restic.snapshots_by_id
-    cache = TreeCache(restic, budget_bytes=100)
-    tree = await cache.tree(snapshot_id)
-    assert tree.entries == 50
+    cache = TreeCache(restic, budget_bytes=3 * tree_of(restic.trees[snapshot_id][:1]).bytes)
+    assert await cache.tree(snapshot_id) is None
+    assert 1 < restic.nodes_fed < 10, "the read did not stop at the budget"
     assert cache.cached(snapshot_id) is None and cache.bytes == 0
+    assert await cache.tree(snapshot_id) is None
+    assert len(restic.calls_of("ls")) == 1
+
+
+def big_tree_cache() -> tuple[FakeRestic, TreeCache, str]:
+    restic = FakeRestic()
+    snapshot_id = restic.add_snapshot(1, "alice").id
+    restic.trees[snapshot_id] = [
+        node("/a.txt"),
+        node("/sub", "dir", 0),
+        *(node(f"/sub/f{number:03d}", size=number) for number in range(25)),
+        node("/sub/deeper", "dir", 0),
+        node("/sub/deeper/c.bin", size=7),
+        node("/z-link", "symlink", 0),
+    ]
+    # Sorted by name in each folder, as restic keeps a tree's nodes.
+    restic.trees[snapshot_id].sort(key=lambda each: (each.path.rpartition("/")[0], each.name))
+    return restic, TreeCache(restic, budget_bytes=200), snapshot_id
+
+
+async def test_levels_of_a_tree_beyond_the_budget_are_read_one_at_a_time() -> None:
+    restic, cache, snapshot_id = big_tree_cache()
+    assert await cache.tree(snapshot_id) is None
+    reference = tree_of(restic.trees[snapshot_id])
+    for path, pages_expected in (("", 1), ("sub", 3), ("sub/deeper", 1)):
+        after: str | None = None
+        pages = 0
+        while True:
+            page, next_after = await cache.level(snapshot_id, path, after, 10)
+            assert (page, next_after) == reference.level(path, after, 10), (path, pages)
+            assert len(page) <= 10
+            after, pages = next_after, pages + 1
+            if after is None:
+                break
+        assert pages == pages_expected, path
+    with pytest.raises(NotInBackup, match="is a file"):
+        await cache.level(snapshot_id, "a.txt", None, 10)
+    with pytest.raises(NotInBackup, match="is not a folder"):
+        await cache.level(snapshot_id, "nope", None, 10)
+    level_calls = restic.calls_of("ls")[1:]
+    assert level_calls[0].args == (snapshot_id, "/") and len(level_calls) == 7
+    assert cache.bytes == 0
+
+
+async def test_entries_of_a_tree_beyond_the_budget_are_looked_up_with_one_ls() -> None:
+    restic, cache, snapshot_id = big_tree_cache()
+    await cache.tree(snapshot_id)
+    wanted = ["sub/f003", "sub/deeper", "sub/missing", "z-link"]
+    assert await cache.present(snapshot_id, wanted) == {"sub/f003", "sub/deeper", "z-link"}
+    assert restic.calls_of("ls")[-1].args == (
+        snapshot_id,
+        "/sub/deeper",
+        "/sub/f003",
+        "/sub/missing",
+        "/z-link",
+    )
 
 
 # -- the overwrite policy of the staging merge -----------------------------------------------
