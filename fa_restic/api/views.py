@@ -213,6 +213,10 @@ def parse_query(query: dict[str, str], model: type[Model]) -> Model:
     try:
         return model.model_validate(query)
     except ValidationError as error:
+        first = error.errors()[0]
+        if first["type"] == "extra_forbidden":
+            name = str(first["loc"][0]) if first["loc"] else ""
+            raise BodyRefused(f"unknown query parameter {name[:50]!r}") from None
         raise BodyRefused(describe_validation(error)) from None
 
 
