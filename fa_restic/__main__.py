@@ -1,4 +1,5 @@
-"""Command line: `fa-restic serve`, `fa-restic rebuild-state`, and the API client commands."""
+"""Command line: `fa-restic serve`, `fa-restic rebuild-state`, `fa-restic import-state`, and
+the API client commands."""
 
 from __future__ import annotations
 
@@ -85,6 +86,23 @@ def _rebuild_state(arguments: argparse.Namespace) -> int:
     return asyncio.run(rebuild_state(_settings(arguments)))
 
 
+def _import_state(arguments: argparse.Namespace) -> int:
+    import psycopg
+
+    from fa_restic.cluster.database import DATABASE_URL_ENV
+    from fa_restic.cluster.importing import import_state_file
+    from fa_restic.jobs.records import LAYOUT
+
+    url = arguments.database or os.environ.get(DATABASE_URL_ENV)
+    if not url:
+        raise ConfigError(f"no database: pass --database URL or set {DATABASE_URL_ENV}")
+    try:
+        return import_state_file(Path(arguments.source), url, LAYOUT)
+    except (OSError, psycopg.Error) as error:  # DatabaseUnavailable is an OSError
+        print(f"fa-restic: import-state: {error}", file=sys.stderr)
+        return 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fa-restic", description=__doc__)
     parser.add_argument("--log-level", default=os.environ.get("FA_RESTIC_LOG_LEVEL", "INFO"))
@@ -97,6 +115,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rebuild.add_argument("--config", help=f"TOML config file (or ${DEFAULT_CONFIG_ENV})")
     rebuild.set_defaults(run=_rebuild_state)
+    importing = commands.add_parser(
+        "import-state", help="copy a single node's records into a cluster's database"
+    )
+    importing.add_argument(
+        "--from", dest="source", required=True, help="the state file (paths.state_file)"
+    )
+    importing.add_argument(
+        "--database",
+        help="libpq URL of the database (or $FA_DATABASE_URL, which keeps a password out of ps)",
+    )
+    importing.set_defaults(run=_import_state)
     from fa_restic.cli import add_client_commands
 
     add_client_commands(commands)
