@@ -15,7 +15,8 @@ cannot be reached.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -23,7 +24,7 @@ from typing import Any
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from fa_restic.cluster.database import Database
+from fa_restic.cluster.database import Connection, Database
 from fa_restic.names import JobKind, JobStatus
 from fa_restic.store import Clear, Delete, Operation, Put, Update, Value
 
@@ -311,3 +312,205 @@ class DatabaseRecords:
             FORGETS: await self.every(FORGETS),
             META: await self.every(META),
         }
+
+    # -- nodes and their leases ------------------------------------------------------------
+
+    async def heartbeat(self, node: str) -> None:
+        """Renews `node`'s lease (adds the node on its first beat); times are the
+        database's, so the nodes' clocks need not agree."""
+        async with self.database.connection() as connection:
+            await connection.execute(
+                "INSERT INTO nodes (name) VALUES (%s)"
+                " ON CONFLICT (name) DO UPDATE SET heartbeat_at = now()",
+                (node,),
+            )
+
+    async def alive_nodes(self, lease_seconds: float) -> list[str]:
+        """Returns the names of the nodes whose last heartbeat is younger than the lease."""
+        async with self.database.connection() as connection:
+            cursor = await connection.execute(
+                "SELECT name FROM nodes"
+                " WHERE heartbeat_at > now() - make_interval(secs => %s) ORDER BY name",
+                (lease_seconds,),
+            )
+            return [name for (name,) in await cursor.fetchall()]
+
+    # -- claims ----------------------------------------------------------------------------
+
+    async def claim(self, node: str, slots: int) -> list[Job]:
+        """Takes up to `slots` pending jobs for `node` and returns them, now running on it.
+
+        Fair between users (SPEC §9): users stand in one line, the one who has waited
+        longest for a turn first (a user joins at its back when a job of theirs becomes
+        pending with none waiting, and goes back to it after a turn); each user's jobs
+        start in ascending `sequence`. Jobs another node is claiming at this moment are
+        skipped (FOR UPDATE SKIP LOCKED): two nodes never take the same job, and neither
+        waits for the other.
+
+        A claimed record changes as it does when a single node starts the job: running,
+        `started_at` now, one more attempt, `extra` and restic's pid cleared; the job layer
+        then runs it and writes what follows. Raises DatabaseUnavailable.
+        """
+        if slots <= 0:
+            return []
+        async with self.database.transaction() as connection:
+            line = await self._line(connection, slots * LINE_LOOKAHEAD)
+            waiting = await self._lock_pending(connection, [owner for owner, _ in line], slots)
+            taken = _take_turns([owner for owner, _ in line], waiting, slots)
+            if not taken:
+                return []
+            now = _now_text()
+            claimed = [
+                Job(
+                    kind,
+                    job_id,
+                    {
+                        **record,
+                        "status": _RUNNING,
+                        "started_at": now,
+                        "attempts": int(record.get("attempts") or 0) + 1,
+                        "extra": "",
+                        "pid": None,
+                        "pid_start": None,
+                    },
+                )
+                for kind, job_id, record in taken
+            ]
+            async with connection.cursor() as cursor:
+                await cursor.executemany(
+                    "UPDATE jobs SET record = %s, node = %s, claimed_at = now()"
+                    " WHERE kind = %s AND id = %s",
+                    [(Jsonb(job.record), node, job.kind, job.id) for job in claimed],
+                )
+            await self._note_turns(connection, [str(job.record.get("user", "")) for job in claimed])
+        return claimed
+
+    @staticmethod
+    async def _line(connection: Connection, length: int) -> list[tuple[str, int]]:
+        """Returns the first `length` users with pending jobs and their places in the line,
+        head first: a user's place is their last turn, or when their oldest waiting job
+        became pending if that is later (they had nothing waiting at their last turn)."""
+        cursor = await connection.execute(
+            "SELECT waiting.owner, greatest(turns.turn, waiting.since) AS place"
+            " FROM (SELECT owner, min(coalesce(queued, 0)) AS since FROM jobs"
+            "       WHERE status = 'pending' GROUP BY owner) AS waiting"
+            " LEFT JOIN turns ON turns.owner = waiting.owner"
+            " ORDER BY place, waiting.owner LIMIT %s",
+            (length,),
+        )
+        return [(owner, int(place)) for owner, place in await cursor.fetchall()]
+
+    @staticmethod
+    async def _lock_pending(
+        connection: Connection, owners: Sequence[str], slots: int
+    ) -> dict[str, deque[tuple[str, int, Value]]]:
+        """Locks and returns up to `slots` pending jobs of each of `owners`, each user's in
+        queue order, skipping those another transaction holds."""
+        if not owners:
+            return {}
+        cursor = await connection.execute(
+            "SELECT picked.owner, picked.kind, picked.id, picked.record"
+            " FROM unnest(%s::text[]) AS users (owner)"
+            " CROSS JOIN LATERAL ("
+            "     SELECT owner, kind, id, record, sequence FROM jobs"
+            "     WHERE status = 'pending' AND owner = users.owner"
+            "     ORDER BY sequence, kind, id LIMIT %s"
+            "     FOR UPDATE SKIP LOCKED) AS picked"
+            " ORDER BY picked.owner, picked.sequence, picked.kind, picked.id",
+            (list(owners), slots),
+        )
+        waiting: dict[str, deque[tuple[str, int, Value]]] = {}
+        for owner, kind, job_id, record in await cursor.fetchall():
+            waiting.setdefault(owner, deque()).append((kind, job_id, dict(record)))
+        return waiting
+
+    @staticmethod
+    async def _note_turns(connection: Connection, owners: list[str]) -> None:
+        """Records that `owners` had a turn, in this order (later turns stand further back)."""
+        cursor = await connection.execute(
+            "SELECT nextval('line_clock') FROM generate_series(1, %s)", (len(owners),)
+        )
+        ticks = sorted(tick for (tick,) in await cursor.fetchall())
+        last_turn = dict(zip(owners, ticks, strict=True))  # a user's last turn wins
+        async with connection.cursor() as upsert:
+            # In one order on every node: two claims that both give alice and bob a turn
+            # wait for each other's row locks instead of deadlocking.
+            await upsert.executemany(
+                "INSERT INTO turns (owner, turn) VALUES (%s, %s)"
+                " ON CONFLICT (owner) DO UPDATE SET turn = greatest(turns.turn, EXCLUDED.turn)",
+                sorted(last_turn.items()),
+            )
+
+    async def requeue_dead(self, lease_seconds: float, max_attempts: int) -> list[Job]:
+        """Puts the running jobs of dead nodes (no heartbeat within the lease; or of no
+        known node) back to pending, or fails them after `max_attempts`; returns them as
+        changed.
+
+        As a single node does at start (jobs.recovery.scrub) with what it was running: the
+        attempt counts, and a backup is marked `unsettled` so that a snapshot the
+        interrupted attempt may have saved is looked for before it runs again. Jobs another
+        node is requeueing at this moment are skipped. Raises DatabaseUnavailable.
+        """
+        async with self.database.transaction() as connection:
+            cursor = await connection.execute(
+                "SELECT kind, id, record, node FROM jobs"
+                " WHERE status = 'running' AND NOT EXISTS ("
+                "     SELECT 1 FROM nodes WHERE nodes.name = jobs.node"
+                "     AND nodes.heartbeat_at > now() - make_interval(secs => %s))"
+                " ORDER BY kind, id FOR UPDATE SKIP LOCKED",
+                (lease_seconds,),
+            )
+            found = await cursor.fetchall()
+            if not found:
+                return []
+            now = _now_text()
+            changed = [
+                Job(kind, job_id, _interrupted(kind, dict(record), node, max_attempts, now))
+                for kind, job_id, record, node in found
+            ]
+            async with connection.cursor() as update:
+                # The trigger of 002_nodes.sql queues a job put back to pending at the back
+                # of its user's place and releases it from the dead node.
+                await update.executemany(
+                    "UPDATE jobs SET record = %s WHERE kind = %s AND id = %s",
+                    [(Jsonb(job.record), job.kind, job.id) for job in changed],
+                )
+        return changed
+
+
+def _take_turns(
+    line: list[str], waiting: dict[str, deque[tuple[str, int, Value]]], slots: int
+) -> list[tuple[str, int, Value]]:
+    """Returns up to `slots` jobs taken round robin from the users of `line` (head first),
+    each user's in queue order; a user whose locked jobs run out leaves the line."""
+    queue = deque(owner for owner in line if waiting.get(owner))
+    taken: list[tuple[str, int, Value]] = []
+    while queue and len(taken) < slots:
+        owner = queue.popleft()
+        jobs = waiting[owner]
+        taken.append(jobs.popleft())
+        if jobs:
+            queue.append(owner)
+    return taken
+
+
+def _interrupted(kind: str, record: Value, node: str | None, max_attempts: int, now: str) -> Value:
+    """Returns `record`, a job its dead node was running, as it runs again or fails."""
+    attempts = int(record.get("attempts") or 0)
+    where = f"node {node}" if node else "its node"
+    changed: Value = {**record, "pid": None, "pid_start": None}
+    if kind == BACKUPS:
+        changed["unsettled"] = True
+    if attempts < max_attempts:
+        changed["status"] = _PENDING
+        changed["extra"] = (
+            f"interrupted: {where} stopped (attempt {attempts} of {max_attempts}); runs again"
+        )
+    else:
+        changed["status"] = _FAILED
+        changed["finished_at"] = now
+        changed["extra"] = (
+            f"interrupted: {where} stopped during attempt {attempts} of {max_attempts}; "
+            "not tried again"
+        )
+    return changed
