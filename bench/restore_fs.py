@@ -12,7 +12,8 @@ both up once. Then, BENCH_TRIALS times (default 3), with the order flipped every
 - raw: `restic restore --json --target <new folder of the same home> -- <snapshot>`, the
   argv the service builds, with the same RESTIC_PROGRESS_FPS.
 
-ratio = median service time / median raw time, per home. Goals (issue 13): own file
+Every restore starts after an `os.sync()` (what the one before left dirty is not written
+back during it). ratio = median service time / median raw time, per home. Goals (issue 13): own file
 system <= 1.05, one file system <= 1.02. The log line of each service restore says which
 path it took (`direct into` or `staged`); the result records it.
 """
@@ -139,6 +140,9 @@ def trials(
                 seconds[kind][side].append(took)
                 log(f"trial {trial} {kind} {side}: {took:.2f} s")
                 shutil.rmtree(target)
+                # Each side starts with no dirty pages of the one before: 500 MB written
+                # back during the next restore would be charged to whichever side came next.
+                os.sync()
     return seconds
 
 

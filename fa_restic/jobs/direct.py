@@ -18,7 +18,10 @@ How dst stays safe from its user (the service runs restic as root):
   symlink, a hard-linked file, a file where a folder goes, a folder where a file goes are
   removed by folder descriptors, never followed, never across a mount. restic < 0.17
   would otherwise fail on them (it neither replaces a symlink nor removes a folder in the
-  way) or, for a hard link, write into the linked file. Skipped when dst is empty.
+  way) or, for a hard link, write into the linked file. Skipped when dst is empty. That
+  needs the snapshot's tree in memory: past `max_nodes` nodes the read stops and the
+  restore is staged instead (TooManyNodes), so one user's huge backup cannot take the
+  service's memory.
 - restic < 0.17 writes into an existing file in place: a hard link a user makes while
   restic writes would be written through. Such a restic restores directly only where the
   home is a whole file system of its own (no hard link can lead out of it); elsewhere it
@@ -53,6 +56,14 @@ _DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _MOUNT_INFO = "/proc/self/mountinfo"
 
 Tree = dict[str, "Entry"]
+
+MAX_TREE_NODES = 500_000
+"""The most nodes of a snapshot a direct restore into a dst that is not empty holds (some
+400 bytes each, with their tree): about 200 MB."""
+
+
+class TooManyNodes(Exception):
+    """The snapshot has more nodes than a direct restore may hold; it is staged instead."""
 
 
 @dataclass
@@ -152,10 +163,22 @@ def totals(tree: Tree) -> tuple[int, int]:
     return size, count
 
 
-async def snapshot_tree(restic: ResticRunner, snapshot_id: str, include: Sequence[str]) -> Tree:
-    """Returns what restoring the snapshot (only `include`) writes; raises ResticError."""
+async def snapshot_tree(
+    restic: ResticRunner,
+    snapshot_id: str,
+    include: Sequence[str],
+    max_nodes: int = MAX_TREE_NODES,
+) -> Tree:
+    """Returns what restoring the snapshot (only `include`) writes; raises ResticError, or
+    TooManyNodes once past `max_nodes` (restic is stopped then)."""
     nodes: list[TreeNode] = []
-    await restic.ls(snapshot_id, nodes.append)
+
+    def take(node: TreeNode) -> None:
+        if len(nodes) == max_nodes:
+            raise TooManyNodes(f"the backup has more than {max_nodes} entries and dst is not empty")
+        nodes.append(node)
+
+    await restic.ls(snapshot_id, take)
     return build_tree(nodes, include)
 
 
@@ -245,16 +268,18 @@ async def restore_directly(
     *,
     include: Sequence[str] = (),
     overwrite: Overwrite = Overwrite.ALWAYS,
+    max_nodes: int = MAX_TREE_NODES,
 ) -> RestoreResult:
     """Restores a snapshot (only `include`) with restic writing into dst itself.
 
     Returns what restic restored; raises ResticError (a refused confinement included:
-    dst changed into or behind a symlink) or StagingError.
+    dst changed into or behind a symlink), StagingError, or TooManyNodes (before restic
+    restores anything: stage it instead).
     """
     home, dst = destination.home, destination.dst
     tree: Tree | None = None
     if not await asyncio.to_thread(is_empty, home, dst):
-        tree = await snapshot_tree(restic, snapshot_id, include)
+        tree = await snapshot_tree(restic, snapshot_id, include, max_nodes)
         if overwrite is Overwrite.ALWAYS:
             await asyncio.to_thread(clear_the_way, home, dst, tree)
     restored = await run_restore(

@@ -12,7 +12,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fa_restic.jobs.backup import Source, run_backup
-from fa_restic.jobs.direct import Destination, restore_directly, staging_reason
+from fa_restic.jobs.direct import (
+    MAX_TREE_NODES,
+    Destination,
+    TooManyNodes,
+    restore_directly,
+    staging_reason,
+)
 from fa_restic.jobs.models import BackupRecord, JobRecord, Progress, RestoreRecord
 from fa_restic.jobs.ports import ResticRunner
 from fa_restic.jobs.records import JobKey, Records
@@ -50,6 +56,8 @@ class Settings:
     restore_direct: bool | None = None
     """None: restores go straight into dst wherever that is safe (jobs.direct), else staged;
     False: always staged; True: straight into dst wherever restic can be confined (tests)."""
+    direct_tree_nodes: int = MAX_TREE_NODES
+    """The most snapshot nodes a direct restore into a dst that is not empty holds."""
 
 
 @dataclass(frozen=True)
@@ -202,7 +210,10 @@ class Execution:
         on_progress, on_start = self._handlers(key, record)
         staged_because = await self._staging_reason(record, home)
         if staged_because is None:
-            return await self._restore_directly(record, on_progress, on_start)
+            try:
+                return await self._restore_directly(record, on_progress, on_start)
+            except TooManyNodes as error:
+                staged_because = str(error)
         log.info("restore %d: staged (%s)", record.id, staged_because)
         running = [
             other.id
@@ -268,6 +279,7 @@ class Execution:
                 on_start,
                 include=record.include,
                 overwrite=record.overwrite,
+                max_nodes=self.settings.direct_tree_nodes,
             ),
             self.settings.lock_wait_seconds,
             f"restore {record.id}",

@@ -298,3 +298,33 @@ async def progress_once(api: Api, check: Any) -> dict[str, Any]:
             return dict(data["progress"])
         await asyncio.sleep(0.1)
     raise AssertionError("no progress while restic was stopped mid-restore")
+
+
+async def test_a_backup_too_large_to_hold_is_staged_into_a_dst_that_is_not_empty(
+    api: Api, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A direct restore into a dst with something in it holds the snapshot's tree; past
+    `direct_tree_nodes` it stops reading and stages instead, with the same result."""
+    caplog.set_level(logging.INFO, logger="fa_restic.jobs")
+    execution = api.client.app[SERVICE_KEY].execution
+    execution.settings = dataclasses.replace(
+        execution.settings, restore_direct=True, direct_tree_nodes=3
+    )
+    home = api.home("alice")
+    source = make_small_tree(home / "project")
+    await back_up(api, 1, "project")
+    (home / "out").mkdir()
+    (home / "out" / "mine.txt").write_text("already here")
+
+    done = await restore(api, 1, 1, "out")
+
+    assert done["status"] == "success", done
+    assert tree_listing(home / "out") == {
+        **tree_listing(source),
+        "mine.txt": tree_listing(home / "out")["mine.txt"],
+    }
+    said = restore_lines(caplog, 1)
+    assert said[-1] == (
+        "restore 1: staged (the backup has more than 3 entries and dst is not empty)"
+    ), said
+    assert not staging_left(api)
