@@ -166,7 +166,13 @@ class Database:
         await self.pool.close()
 
     async def __aenter__(self) -> Database:
-        await self.open()
+        try:
+            await self.open()
+        except BaseException:
+            # Unlike a service's pool, which goes on trying, a block that never ran leaves
+            # nothing behind: no connection attempts going on after it.
+            await self.close()
+            raise
         return self
 
     async def __aexit__(self, *_: object) -> None:

@@ -152,7 +152,7 @@ async def test_import_moves_every_record_and_again_changes_nothing(
     assert kept == {"id": 9000, "user": "erin"}
 
 
-async def test_import_without_a_state_file_or_database_says_so(
+async def test_import_without_a_state_file_or_a_database_says_so(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("FA_DATABASE_URL", raising=False)
@@ -165,3 +165,13 @@ async def test_import_without_a_state_file_or_database_says_so(
     assert "no state file" in capsys.readouterr().out
     # Nothing was made where the state file was expected.
     assert not (tmp_path / "none.json").exists()
+
+    state = StateStore(tmp_path / "state.json", job_records.LAYOUT)
+    state.load()
+    await state.write([job_records.put(_backup(1, JobStatus.SUCCESS))])
+    state.close()
+    unreachable = ["import-state", "--from", str(tmp_path / "state.json")]
+    assert await asyncio.to_thread(main, unreachable) == 1
+    said = capsys.readouterr().err
+    assert "database unavailable" in said
+    assert "Traceback" not in said
