@@ -15,7 +15,7 @@ from pathlib import Path
 
 from fa_restic.cluster.database import Database
 from fa_restic.cluster.records import COLLECTIONS, JOB_COLLECTIONS, DatabaseRecords
-from fa_restic.store import Layout, Operation, Put, StateStore, Store
+from fa_restic.store import Layout, Operation, Put, StateStore
 
 log = logging.getLogger("fa_restic.cluster")
 
@@ -62,7 +62,7 @@ class Moved:
 
 
 async def import_records(
-    state: Store, records: DatabaseRecords, *, batch_size: int = BATCH_SIZE
+    state: StateStore, records: DatabaseRecords, *, batch_size: int = BATCH_SIZE
 ) -> list[Moved]:
     """Puts every record of a loaded `state` into the database; returns, per collection,
     what the state held and what the database holds now.
@@ -103,7 +103,7 @@ async def import_records(
     return moved
 
 
-async def _import_into(state: Store, database_url: str) -> list[Moved]:
+async def _import_into(state: StateStore, database_url: str) -> list[Moved]:
     async with Database(database_url) as database:
         await database.migrate()
         return await import_records(state, DatabaseRecords(database))
