@@ -36,7 +36,7 @@ async def build_app(settings: Settings) -> web.Application:
     """
     # The state first: a file that cannot be read stops the start before anything else.
     store = StateStore(settings.paths.state_file, LAYOUT)
-    collections = await asyncio.to_thread(store.load)
+    collections = await store.start()
     restic = await make_restic(settings)
     confined = await asyncio.to_thread(backups_confined, settings)
     settings.paths.data_root.mkdir(parents=True, exist_ok=True)

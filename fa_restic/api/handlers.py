@@ -83,7 +83,7 @@ class Handlers:
         caller, query = caller_of(request), query_of(request, ListQuery)
         if query.user is not None and query.user != caller.user and not caller.admin:
             raise forbidden("user= needs an admin token")
-        records, next_after = self.service.page(
+        records, next_after = await self.service.page(
             caller, kind, query.user, status=query.status, after=query.after, limit=query.limit
         )
         items = [self._view(caller, record) for record in records]
@@ -104,7 +104,8 @@ class Handlers:
 
     async def get_backup(self, request: web.Request) -> web.Response:
         caller = caller_of(request)
-        return success(self._view(caller, self.service.get_backup(caller, job_id_of(request))))
+        record = await self.service.get_backup(caller, job_id_of(request))
+        return success(self._view(caller, record))
 
     async def delete_backup(self, request: web.Request) -> web.Response:
         backup_id = job_id_of(request)
@@ -145,7 +146,8 @@ class Handlers:
 
     async def get_restore(self, request: web.Request) -> web.Response:
         caller = caller_of(request)
-        return success(self._view(caller, self.service.get_restore(caller, job_id_of(request))))
+        record = await self.service.get_restore(caller, job_id_of(request))
+        return success(self._view(caller, record))
 
     # -- the repository ----------------------------------------------------------------
 

@@ -115,7 +115,7 @@ class Execution:
 
     async def run(self, key: JobKey) -> None:
         """Runs a pending job to its end; a cancel of this task ends it as `stops` says."""
-        record = self.records.get(key)
+        record = await self.records.get(key)
         if record is None or record.status is not JobStatus.PENDING:
             return
         record.move_to(JobStatus.RUNNING, extra="")

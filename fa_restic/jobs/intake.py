@@ -51,7 +51,10 @@ class Intake:
 
         `exclude`: restic patterns relative to `path` (checked by the API's request model).
         """
-        existing = self.records.backup(backup_id)
+        # Records.get looks at the live records after its read of the store, and from here
+        # to the record's place among them (Records.add) nothing awaits: of racing POSTs of
+        # one id, one is accepted.
+        existing = await self.records.backup(backup_id)
         if existing is not None:
             if existing.user != caller.user:  # ids are global; say nothing of another's job
                 raise JobConflict(f"backup id {backup_id} is in use")
@@ -82,14 +85,14 @@ class Intake:
         """Records a restore durably and queues it; raises UnknownJob, JobConflict,
         NotInBackup (an `include` entry the backup does not hold), ResticError (its tree
         could not be read), OSError."""
-        backup = self.records.backup(backup_id)
+        backup = await self.records.backup(backup_id)
         if backup is None or not caller.may_see(backup):
             raise UnknownJob(f"no such backup [ {backup_id} ]")
         if backup.status is not JobStatus.SUCCESS or backup.snapshot_id is None:
             raise JobConflict(f"backup {backup_id} is {backup.status}, not success")
         entries = [clean_path(entry) for entry in include]
         await self._check_entries(backup, entries)
-        existing = self.records.restore(restore_id)
+        existing = await self.records.restore(restore_id)  # the last await: see `backup`
         if existing is not None:
             if existing.user != caller.user:  # ids are global; say nothing of another's job
                 raise JobConflict(f"restore id {restore_id} is in use")

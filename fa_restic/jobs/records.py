@@ -133,26 +133,29 @@ class Records:
         """Returns the live records of `kind`."""
         return self.backups if kind == JobKind.BACKUP else self.restores
 
-    def get(self, key: JobKey) -> BackupRecord | RestoreRecord | None:
-        """Returns the record, live or finished, or None."""
+    async def get(self, key: JobKey) -> BackupRecord | RestoreRecord | None:
+        """Returns the record, live or finished, or None; raises OSError (the store).
+
+        A live record is returned without waiting; a finished one is read from the store
+        (meanwhile the record may have changed: a caller that writes checks `of` again)."""
         kind, job_id = key
         live = self.of(kind).get(job_id)
         if live is not None:
             return live
-        value = self.store.read(kind, str(job_id))
+        value = await self.store.fetch(kind, str(job_id))
         if value is None:
             return None
-        return _model(kind, value)
+        return self.of(kind).get(job_id) or _model(kind, value)
 
-    def backup(self, backup_id: int) -> BackupRecord | None:
+    async def backup(self, backup_id: int) -> BackupRecord | None:
         """Returns the backup record, live or finished, or None."""
-        record = self.get((JobKind.BACKUP, backup_id))
+        record = await self.get((JobKind.BACKUP, backup_id))
         assert record is None or isinstance(record, BackupRecord)
         return record
 
-    def restore(self, restore_id: int) -> RestoreRecord | None:
+    async def restore(self, restore_id: int) -> RestoreRecord | None:
         """Returns the restore record, live or finished, or None."""
-        record = self.get((JobKind.RESTORE, restore_id))
+        record = await self.get((JobKind.RESTORE, restore_id))
         assert record is None or isinstance(record, RestoreRecord)
         return record
 
@@ -165,7 +168,7 @@ class Records:
         """Returns the live records with `status` (pending or running)."""
         return [record for record in self.every() if record.status is status]
 
-    def page(
+    async def page(
         self,
         kind: str,
         *,
@@ -179,7 +182,7 @@ class Records:
 
         Through the store's indexes: the cost is the page's, whatever the number of records.
         """
-        values = self.store.page(
+        values = await self.store.fetch_page(
             kind,
             owner=user,
             label=None if status is None else status.value,

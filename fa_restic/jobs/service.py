@@ -190,7 +190,7 @@ class JobService:
                 stopping.append(self.execution.interrupt(key, task, Stop("shutdown")))
         await asyncio.gather(*stopping, return_exceptions=True)
         await self.scheduler.stop_exclusive()
-        await asyncio.to_thread(self.store.close)
+        await self.store.stop()
 
     # -- what the API asks ------------------------------------------------------------
 
@@ -198,22 +198,22 @@ class JobService:
         """Returns live progress of a running job, or what its status implies."""
         return self.execution.progress_of((kind, record.id), record)
 
-    def get(self, caller: Caller, kind: JobKind, job_id: int) -> JobRecord:
+    async def get(self, caller: Caller, kind: JobKind, job_id: int) -> JobRecord:
         """Returns a record the caller may see; raises UnknownJob."""
-        record = self.records.get((kind, job_id))
+        record = await self.records.get((kind, job_id))
         if record is None or not caller.may_see(record):
             raise UnknownJob(f"no such record [ {job_id} ]")
         return record
 
-    def get_backup(self, caller: Caller, backup_id: int) -> BackupRecord:
+    async def get_backup(self, caller: Caller, backup_id: int) -> BackupRecord:
         """Returns a backup the caller may see; raises UnknownJob."""
-        record = self.get(caller, JobKind.BACKUP, backup_id)
+        record = await self.get(caller, JobKind.BACKUP, backup_id)
         assert isinstance(record, BackupRecord)
         return record
 
-    def get_restore(self, caller: Caller, restore_id: int) -> RestoreRecord:
+    async def get_restore(self, caller: Caller, restore_id: int) -> RestoreRecord:
         """Returns a restore the caller may see; raises UnknownJob."""
-        record = self.get(caller, JobKind.RESTORE, restore_id)
+        record = await self.get(caller, JobKind.RESTORE, restore_id)
         assert isinstance(record, RestoreRecord)
         return record
 
@@ -221,16 +221,16 @@ class JobService:
         if self._stopping or self.repository.state is RepositoryState.DESTROYING:
             raise JobConflict("the repository is being destroyed or the service is stopping")
 
-    def page(
+    async def page(
         self, caller: Caller, kind: JobKind, user: str | None = None, **filters: Any
     ) -> tuple[list[JobRecord], int | None]:
         """Returns Records.page of the caller's records (an admin's: `user`'s, or all)."""
-        return self.records.page(kind, user=user if caller.admin else caller.user, **filters)
+        return await self.records.page(kind, user=user if caller.admin else caller.user, **filters)
 
     async def files(self, caller: Caller, backup_id: int, path: str, **page: Any) -> Level:
         """Returns a page of one folder of a backup (jobs.browse); raises UnknownJob,
         JobConflict (not a success), NotInBackup, ResticError."""
-        return await self.browser.level(self.get_backup(caller, backup_id), path, **page)
+        return await self.browser.level(await self.get_backup(caller, backup_id), path, **page)
 
     async def submit_backup(
         self, caller: Caller, backup_id: int, path: Path, exclude: list[str] | None = None
@@ -260,7 +260,7 @@ class JobService:
 
         Raises UnknownJob, or JobConflict when the job finished otherwise.
         """
-        record = self.get(caller, kind, job_id)
+        record = await self.get(caller, kind, job_id)
         if record.status is JobStatus.CANCEL:
             return record
         if record.status.is_terminal:
@@ -284,7 +284,7 @@ class JobService:
         Returns the snapshot id to be forgotten (None if the backup made none). Raises
         UnknownJob, or JobConflict while it is pending or running.
         """
-        record = self.get_backup(caller, backup_id)
+        record = await self.get_backup(caller, backup_id)
         if record.status.is_active:
             raise JobConflict(f"backup {backup_id} is {record.status}: cancel it first")
         return await self.removal.delete_backup(record, caller.user)

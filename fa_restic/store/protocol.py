@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Protocol
 
 from fa_restic.store.operations import Collections, Operation, Value
@@ -12,12 +12,13 @@ class Store(Protocol):
     """Durable collections of JSON records, changed in atomic batches.
 
     Records of an indexed collection (its Layout) that are finished need not be in
-    memory: `load` leaves them out, and `read` and `page` find them.
+    memory: `start` leaves them out, and `fetch` and `fetch_page` find them. Everything
+    that may wait for a disk or a database is a coroutine.
     """
 
-    def load(self) -> Collections:
-        """Returns every record but the finished ones of indexed collections; raises
-        StateError when the store cannot be read."""
+    async def start(self) -> Collections:
+        """Opens the store; returns every record but the finished ones of indexed
+        collections. Raises StateError when the store cannot be read."""
         ...
 
     async def write(self, operations: Iterable[Operation]) -> None:
@@ -26,11 +27,11 @@ class Store(Protocol):
         Raises OSError (nothing changed then)."""
         ...
 
-    def read(self, collection: str, key: str) -> Value | None:
-        """Returns one record, or None."""
+    async def fetch(self, collection: str, key: str) -> Value | None:
+        """Returns one record, or None. Raises OSError."""
         ...
 
-    def page(
+    async def fetch_page(
         self,
         collection: str,
         *,
@@ -40,17 +41,15 @@ class Store(Protocol):
         limit: int = 100,
     ) -> list[Value]:
         """Returns up to `limit` records of an indexed collection (of `owner`, with `label`,
-        if given) with a key below `before`, highest key first (through an index)."""
+        if given) with a key below `before`, highest key first (through an index). Raises
+        OSError."""
         ...
 
     def counts(self, collection: str) -> dict[str, int]:
-        """Returns label -> how many records of an indexed collection."""
+        """Returns label -> how many records of an indexed collection (without waiting: a
+        shared database's may be a few seconds old)."""
         ...
 
-    def keys(self, collection: str) -> Iterator[str]:
-        """Yields the key of every record of `collection`."""
-        ...
-
-    def close(self) -> None:
+    async def stop(self) -> None:
         """Waits for pending writes and releases the store."""
         ...

@@ -616,6 +616,32 @@ class StateStore:
                 os.close(snapshot.reader)
             self._touched = None
 
+    # -- the Store protocol: what may wait, as coroutines --------------------------------
+
+    async def start(self) -> Collections:
+        """`load` on a thread (a million records' index takes a second or two)."""
+        return await asyncio.to_thread(self.load)
+
+    async def fetch(self, collection: str, key: str) -> Value | None:
+        """`read`: one pread of some 20 µs, on the event loop."""
+        return self.read(collection, key)
+
+    async def fetch_page(
+        self,
+        collection: str,
+        *,
+        owner: str | None = None,
+        label: str | None = None,
+        before: int | None = None,
+        limit: int = 100,
+    ) -> list[Value]:
+        """`page`: at most `limit` preads, on the event loop."""
+        return self.page(collection, owner=owner, label=label, before=before, limit=limit)
+
+    async def stop(self) -> None:
+        """`close` on a thread (it waits for the writer and a compaction)."""
+        await asyncio.to_thread(self.close)
+
     def close(self) -> None:
         """Waits for pending writes (and a compaction's file work) and closes the files."""
         self._writer.shutdown(wait=True)

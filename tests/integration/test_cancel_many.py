@@ -155,7 +155,7 @@ async def test_cancel_all_of_twenty_thousand_never_holds_the_loop(
 
     async def reader() -> None:
         while running:
-            looked.append(service.get_backup(Caller("user7"), 7).status)
+            looked.append((await service.get_backup(Caller("user7"), 7)).status)
             await asyncio.sleep(0)
 
     tasks = [asyncio.create_task(ticker()), asyncio.create_task(reader())]

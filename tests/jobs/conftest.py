@@ -87,9 +87,9 @@ class Harness:
         caller = Caller(user, admin=admin)
         return await self.service.submit_backup(caller, backup_id, self.path(user, name))
 
-    def backup_record(self, backup_id: int) -> BackupRecord:
+    async def backup_record(self, backup_id: int) -> BackupRecord:
         """Returns the backup record (live or finished); raises KeyError if there is none."""
-        record = self.service.records.backup(backup_id)
+        record = await self.service.records.backup(backup_id)
         if record is None:
             raise KeyError(backup_id)
         return record
@@ -171,7 +171,7 @@ async def make_service(data_root: Path) -> AsyncIterator[ServiceMaker]:
         harness = Harness(service, restic, store, data_root)
         made.append(harness)
         unlocks = len(restic.calls_of("unlock"))
-        service.load(await asyncio.to_thread(store.load))
+        service.load(await store.start())
         await service.start()
         if not wait_for_startup:
             return harness

@@ -1,15 +1,15 @@
 """A Store in memory: applies batches as the JSON journal does and keeps every batch, so a
 test can read what was durable at each step (and hold a write to look in between).
 
-It keeps records as the job layer's Layout says (finished jobs are left out of `load`),
-answering `read`, `page` and `counts` by scanning: simple, and the same answers."""
+It keeps records as the job layer's Layout says (finished jobs are left out of `start`),
+answering `fetch`, `fetch_page` and `counts` by scanning: simple, and the same answers."""
 
 from __future__ import annotations
 
 import asyncio
 import copy
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
 from fa_restic.jobs.records import LAYOUT
@@ -27,6 +27,9 @@ class MemoryStore:
         """Each next write waits for the first of these (a test releases it)."""
         self.closed = False
 
+    async def start(self) -> Collections:
+        return self.load()
+
     def load(self) -> Collections:
         return {
             name: {
@@ -37,10 +40,10 @@ class MemoryStore:
             for name, records in self.collections.items()
         }
 
-    def read(self, collection: str, key: str) -> Value | None:
+    async def fetch(self, collection: str, key: str) -> Value | None:
         return copy.deepcopy(self.collections.get(collection, {}).get(key))
 
-    def page(
+    async def fetch_page(
         self,
         collection: str,
         *,
@@ -62,9 +65,6 @@ class MemoryStore:
     def counts(self, collection: str) -> dict[str, int]:
         records = self.collections.get(collection, {}).values()
         return dict(Counter(self.layout.label_of(value) for value in records))
-
-    def keys(self, collection: str) -> Iterator[str]:
-        yield from list(self.collections.get(collection, {}))
 
     async def write(self, operations: Iterable[Operation]) -> None:
         batch = list(operations)
@@ -88,7 +88,7 @@ class MemoryStore:
                 records.pop(operation.key, None)
         self.batches.append(batch)
 
-    def close(self) -> None:
+    async def stop(self) -> None:
         self.closed = True
 
     # -- what a test reads ---------------------------------------------------------------

@@ -90,7 +90,7 @@ async def test_stop_sends_a_running_job_back_to_pending(
 
     # After the restart both run: the interrupted one first, as its first attempt.
     again = await make_service(store=StateStore(state), restic=restic, max_running=1)
-    first, second = again.backup_record(1), again.backup_record(2)
+    first, second = await again.backup_record(1), await again.backup_record(2)
     await again.ended(first)
     await again.ended(second)
     assert (first.status, second.status) == (JobStatus.SUCCESS, JobStatus.SUCCESS)
@@ -113,7 +113,7 @@ async def test_scrub_at_start(make_service: ServiceMaker, tmp_path: Path, data_r
     harness = await make_service(
         store=StateStore(state), restic=restic, wait_for_startup=False, max_attempts=2
     )
-    again, exhausted = harness.backup_record(1), harness.backup_record(2)
+    again, exhausted = await harness.backup_record(1), await harness.backup_record(2)
     assert again.status is JobStatus.PENDING
     assert again.extra == "interrupted (attempt 1 of 2); runs again"
     assert again.unsettled and again.pid is None and again.pid_start is None
@@ -158,7 +158,7 @@ async def test_settling_adopts_the_snapshot_of_an_attempt_cut_short(
     bobs = restic.add_snapshot(1, "bob", minutes=4)
 
     harness = await make_service(store=StateStore(state), restic=restic, max_attempts=2)
-    adopted, failed = harness.backup_record(1), harness.backup_record(2)
+    adopted, failed = await harness.backup_record(1), await harness.backup_record(2)
     assert adopted.status is JobStatus.SUCCESS, "adopted at start, not run again"
     assert adopted.snapshot_id == newest.id
     assert (adopted.total_size, adopted.pack_size) == (5000, 2000)
@@ -180,7 +180,7 @@ async def test_settling_adopts_the_snapshot_of_an_attempt_cut_short(
     assert stored_backup(saved, 1)["unsettled"] is False
     assert saved.get("forget", {}) == {}
     alice = Caller("alice")
-    assert harness.service.get_backup(alice, 1).snapshot_id == newest.id
+    assert (await harness.service.get_backup(alice, 1)).snapshot_id == newest.id
 
 
 async def test_stop_as_the_scheduler_takes_a_job(make_service: ServiceMaker) -> None:
@@ -218,7 +218,7 @@ async def test_snapshot_saved_as_the_stop_came_is_adopted_after_restart(
     assert record.status is JobStatus.PENDING and record.unsettled
 
     again = await make_service(store=StateStore(state), restic=restic)
-    adopted = again.backup_record(1)
+    adopted = await again.backup_record(1)
     assert adopted.status is JobStatus.SUCCESS and adopted.snapshot_id == saved.id
     assert (adopted.total_size, adopted.pack_size) == (777, 77)
     await again.idle()

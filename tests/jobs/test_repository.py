@@ -53,15 +53,15 @@ async def test_destroy_cancels_everything_and_drops_backup_records(
     assert waiting.status is JobStatus.CANCEL
     assert done.snapshot_id in forgotten(harness) and restic.snapshots_by_id == {}
     assert service.backups == {} and service.forgets == {}
-    assert service.records.backup(1) is None
-    assert service.records.restore(10) == restore, "restore records stay"
+    assert await service.records.backup(1) is None
+    assert await service.records.restore(10) == restore, "restore records stay"
     assert service.destroyed and service.repository.state is RepositoryState.DESTROYED
     store = harness.memory
     assert store.collections.get("backup", {}) == {}
     assert store.record("meta", "repository") == {"destroyed": True}
     assert store.record("restore", 10) is not None
     with pytest.raises(UnknownJob):
-        service.get_backup(ALICE, 1)
+        await service.get_backup(ALICE, 1)
 
     # The next backup initialises a new repository; destroyed is then false, durably.
     restic.initialised = False
@@ -97,7 +97,7 @@ async def test_destroy_that_fails_leaves_the_state_as_it_was(harness: Harness) -
         await harness.service.destroy_repository(ROOT)
     assert harness.service.repository.state is RepositoryState.READY
     assert not harness.service.destroyed
-    assert harness.service.records.backup(1) is not None
+    assert await harness.service.records.backup(1) is not None
 
 
 async def test_destroy_of_a_local_repository_removes_its_folder(
@@ -126,7 +126,7 @@ async def test_delete_backup_drops_the_record_and_forgets_its_snapshot(
     assert await service.delete_backup(ALICE, 1) == snapshot_id
     # Gone at once, its forget queued durably in the same write.
     with pytest.raises(UnknownJob):
-        service.get_backup(ALICE, 1)
+        await service.get_backup(ALICE, 1)
     assert store.record("backup", 1) is None
     assert snapshot_id in service.forgets
     forget = store.record("forget", snapshot_id)
@@ -154,7 +154,7 @@ async def test_delete_refusals_and_reuse_of_the_id(make_service: ServiceMaker) -
         with pytest.raises(JobConflict, match="cancel it first"):
             await service.delete_backup(ALICE, job_id)
     gate.release()
-    done = await harness.ended(harness.backup_record(1))
+    done = await harness.ended(await harness.backup_record(1))
     with pytest.raises(UnknownJob):
         await service.delete_backup(Caller("bob"), 1)
     assert done.status is JobStatus.SUCCESS
@@ -172,8 +172,8 @@ async def test_delete_refusals_and_reuse_of_the_id(make_service: ServiceMaker) -
     again = await harness.backup("alice", 1)
     assert again.status is JobStatus.PENDING and again is not done
     await harness.ended(again)
-    await harness.ended(harness.backup_record(2))
+    await harness.ended(await harness.backup_record(2))
     await until(lambda: not service.forgets, "forget queue empty")
     assert done.snapshot_id in forgotten(harness)
     assert again.snapshot_id in restic.snapshots_by_id
-    assert service.get(ALICE, JobKind.BACKUP, 1) == again
+    assert await service.get(ALICE, JobKind.BACKUP, 1) == again

@@ -107,7 +107,7 @@ async def test_per_user_cap_refuses_with_too_many_pending(make_service: ServiceM
     with pytest.raises(JobConflict, match="too many pending jobs"):
         await harness.backup("alice", 13)
     with pytest.raises(UnknownJob):
-        service.get_backup(Caller("alice"), 13)  # a refused job leaves no record
+        await service.get_backup(Caller("alice"), 13)  # a refused job leaves no record
     assert harness.memory.record("backup", 13) is None
 
     # Others have caps of their own; an admin has none.

@@ -196,5 +196,5 @@ async def test_another_users_id_is_in_use_and_invisible(harness: Harness) -> Non
     with pytest.raises(JobConflict, match="in use"):
         await harness.backup("bob", 1)
     with pytest.raises(Exception, match="no such record"):
-        harness.service.get_backup(Caller("bob"), 1)
-    assert harness.service.get_backup(Caller("root", admin=True), 1).user == "alice"
+        await harness.service.get_backup(Caller("bob"), 1)
+    assert (await harness.service.get_backup(Caller("root", admin=True), 1)).user == "alice"
