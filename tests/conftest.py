@@ -18,6 +18,10 @@ from fa_restic.config import load_settings
 from fa_restic.server import build_app
 from tests.helpers import API, TERMINAL, auth, eventually, free_port, make_home, write_config
 
+# The throwaway PostgreSQL (one server per session, a fresh database per test), for the
+# cluster's tests, the job layer's tests on the DatabaseStore and the service in cluster mode.
+from tests.pg import database_url, postgres_server  # noqa: F401 (fixtures)
+
 
 def _binaries() -> list[str]:
     configured = os.environ.get("FA_RESTIC_TEST_BINARIES")

@@ -11,8 +11,8 @@ import pytest
 from fa_restic.cluster import database as database_module
 from fa_restic.cluster.database import Database, DatabaseUnavailable, Migration, migrations
 from fa_restic.cluster.records import DatabaseRecords
-from tests.cluster.conftest import PostgresServer
 from tests.helpers import free_port
+from tests.pg import PostgresServer
 
 
 async def _versions(url: str) -> list[int]:
