@@ -3,5 +3,13 @@ nodes share, in PostgreSQL. Not used by a single node, whose records stay in the
 
 from fa_restic.cluster.database import Database, DatabaseUnavailable
 from fa_restic.cluster.records import DatabaseRecords, Job
+from fa_restic.cluster.store import DatabaseInUse, DatabaseStore
 
-__all__ = ["Database", "DatabaseRecords", "DatabaseUnavailable", "Job"]
+__all__ = [
+    "Database",
+    "DatabaseInUse",
+    "DatabaseRecords",
+    "DatabaseStore",
+    "DatabaseUnavailable",
+    "Job",
+]

@@ -1,0 +1,231 @@
+"""DatabaseStore: the job layer's Store in PostgreSQL for one node, against a real server.
+
+What the job layer relies on (start, durable writes in order, fetch, pages, counts) is
+also run through the whole job layer by tests/jobs on every store; here: what only this
+store has (the one node's lock, outages, counts read in the background)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import psycopg
+import pytest
+
+from fa_restic.cluster.database import DatabaseUnavailable
+from fa_restic.cluster.store import ONE_NODE_ONLY, DatabaseInUse, DatabaseStore, redact
+from fa_restic.jobs.records import LAYOUT
+from fa_restic.store import Clear, Delete, Put, StateError, Update
+from tests.helpers import free_port
+from tests.pg import PostgresServer
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def job(job_id: int, user: str = "alice", status: str = "pending", **more: Any) -> dict[str, Any]:
+    return {"id": job_id, "user": user, "status": status, "sequence": job_id, **more}
+
+
+def make_store(url: str, node: str = "node-a", **options: Any) -> DatabaseStore:
+    return DatabaseStore(url, layout=LAYOUT, node=node, **options)
+
+
+async def until(check: Callable[[], bool], what: str, limit: float = 10.0) -> None:
+    deadline = time.monotonic() + limit
+    while not check():
+        assert time.monotonic() < deadline, f"not reached within {limit}s: {what}"
+        await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+async def store(database_url: str) -> AsyncIterator[DatabaseStore]:
+    started = make_store(database_url, counts_delay=0.05)
+    await started.start()
+    yield started
+    await started.stop()
+
+
+async def test_start_returns_what_a_node_keeps_in_memory(database_url: str) -> None:
+    first = make_store(database_url)
+    assert await first.start() == {"backup": {}, "restore": {}, "forget": {}, "meta": {}}
+    await first.write(
+        [
+            Put("backup", "1", job(1, status="success")),
+            Put("backup", "2", job(2, status="running")),
+            Put("backup", "3", job(3, status="failed", unsettled=True)),
+            Put("restore", "1", job(1, status="pending")),
+            Put("forget", "ab12", {"snapshot_id": "ab12", "backup_id": 9}),
+            Put("meta", "repository", {"destroyed": False}),
+        ]
+    )
+    await first.stop()
+
+    again = make_store(database_url)
+    loaded = await again.start()
+    try:
+        # As StateStore.load with the job layer's layout: finished jobs stay in the database.
+        assert loaded == {
+            "backup": {
+                "2": job(2, status="running"),
+                "3": job(3, status="failed", unsettled=True),
+            },
+            "restore": {"1": job(1, status="pending")},
+            "forget": {"ab12": {"snapshot_id": "ab12", "backup_id": 9}},
+            "meta": {"repository": {"destroyed": False}},
+        }
+        assert await again.fetch("backup", "1") == job(1, status="success")
+        assert await again.fetch("backup", "4") is None
+        assert await again.fetch("backup", "not a number") is None
+        # Counts are read at start: a GET /metrics right after it sees every record.
+        assert again.counts("backup") == {"success": 1, "running": 1, "failed": 1}
+        assert again.counts("restore") == {"pending": 1}
+    finally:
+        await again.stop()
+
+
+async def test_writes_apply_in_order_and_pages_go_newest_first(store: DatabaseStore) -> None:
+    await store.write([Put("backup", str(n), job(n, user="ab"[n % 2])) for n in range(1, 8)])
+    await store.write(
+        [
+            Update("backup", "2", {"status": "success"}),
+            Update("backup", "99", {"status": "success"}),  # a missing record stays missing
+            Delete("backup", "3"),
+            Update("backup", "4", {"status": "running"}),
+        ]
+    )
+    assert await store.fetch("backup", "99") is None
+    assert [value["id"] for value in await store.fetch_page("backup")] == [7, 6, 5, 4, 2, 1]
+    page = await store.fetch_page("backup", owner="b", before=7, limit=2)
+    assert [value["id"] for value in page] == [5, 1]
+    assert [value["id"] for value in await store.fetch_page("backup", label="success")] == [2]
+    # Counts follow shortly after the writes, read in the background.
+    await until(
+        lambda: store.counts("backup") == {"pending": 4, "success": 1, "running": 1},
+        "counts after the writes",
+    )
+    await store.write([Clear("backup")])
+    assert await store.fetch_page("backup") == []
+    await until(lambda: store.counts("backup") == {}, "counts after the clear")
+
+    # Many writes at once from many tasks commit in the order they were asked for.
+    await asyncio.gather(
+        *(store.write([Put("meta", "order", {"n": n})]) for n in range(30)),
+    )
+    assert await store.fetch("meta", "order") == {"n": 29}
+
+
+async def test_a_cancelled_writer_does_not_cut_its_write_short(store: DatabaseStore) -> None:
+    writing = asyncio.create_task(store.write([Put("backup", "1", job(1))]))
+    await asyncio.sleep(0)
+    writing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await writing
+    # The transaction went on by itself: committed whole, or (had it failed) not at all.
+    await until(lambda: not store._writes, "the write ended")
+    assert await store.fetch("backup", "1") == job(1)
+
+
+async def test_a_second_node_cannot_start_while_the_first_runs(database_url: str) -> None:
+    # A password in the URL (the throwaway server trusts 127.0.0.1 and ignores it) must not
+    # show in the refusal.
+    secret_url = database_url.replace("postgresql://fa@", "postgresql://fa:s3cret-pw@")
+    first = make_store(secret_url, node="node-a")
+    await first.start()
+    await first.write([Put("backup", "1", job(1))])
+    second = make_store(secret_url, node="node-b")
+    with pytest.raises(DatabaseInUse) as refused:
+        await second.start()
+    message = str(refused.value)
+    assert isinstance(refused.value, StateError), "the start stops as on a bad state file"
+    assert ONE_NODE_ONLY in message and "another node (fa-restic node-a" in message
+    assert "\n" not in message and "s3cret" not in message and "fa:***@" in message
+    # The refused node left nothing open, and the first goes on.
+    assert second._lock is None
+    await first.write([Put("backup", "2", job(2))])
+    assert await first.fetch("backup", "2") == job(2)
+
+    await first.stop()
+    third = make_store(secret_url, node="node-b")
+    loaded = await third.start()
+    try:
+        assert set(loaded["backup"]) == {"1", "2"}
+    finally:
+        await third.stop()
+
+
+async def test_an_unreachable_database_stops_the_start_in_one_line() -> None:
+    port = free_port()  # nothing listens there
+    refused = make_store(f"postgresql://fa:s3cret-pw@127.0.0.1:{port}/x", timeout=1.0)
+    with pytest.raises(StateError) as error:
+        await refused.start()
+    message = str(error.value)
+    assert message.startswith(f"database postgresql://fa:***@127.0.0.1:{port}/x: database ")
+    assert "\n" not in message and "s3cret" not in message
+    assert refused.database.pool.closed
+
+
+def test_redact_hides_every_spelling_of_a_password() -> None:
+    assert redact("postgresql://fa:pw@db:5432/x") == "postgresql://fa:***@db:5432/x"
+    assert redact("postgresql://fa@db/x?password=pw&sslmode=require") == (
+        "postgresql://fa@db/x?password=***&sslmode=require"
+    )
+    assert redact("host=db password='p w' dbname=x") == "host=db password=*** dbname=x"
+    assert redact("postgresql://fa@db/x") == "postgresql://fa@db/x"
+
+
+async def test_an_outage_fails_writes_and_the_node_takes_its_lock_again(
+    postgres_server: PostgresServer, database_url: str
+) -> None:
+    node = make_store(database_url, timeout=1.0, watch_seconds=0.1)
+    await node.start()
+    try:
+        await node.write([Put("backup", "1", job(1))])
+        assert node.database_state == "ok"
+        postgres_server.stop()
+        try:
+            with pytest.raises(DatabaseUnavailable) as failed:
+                await node.write([Put("backup", "1", job(1, status="running"))])
+            assert isinstance(failed.value, OSError)
+            assert node.database_state.startswith("database unavailable")
+            assert "127.0.0.1" not in node.database_state
+        finally:
+            postgres_server.start()
+        # The session that held the one node's lock died with the server: the node takes
+        # the lock again, and says so.
+        await until(lambda: node.database_state == "ok", "healthy again", limit=20.0)
+        await until(lambda: node._lock is not None, "the lock is held again", limit=20.0)
+        other = make_store(database_url, node="node-b")
+        with pytest.raises(DatabaseInUse):
+            await other.start()
+        # Nothing of the failed write was committed.
+        assert await node.fetch("backup", "1") == job(1)
+    finally:
+        await node.stop()
+
+
+async def test_a_node_whose_place_was_taken_refuses_to_write(database_url: str) -> None:
+    node = make_store(database_url, watch_seconds=0.1)
+    await node.start()
+    try:
+        # Its lock's session ends (an administrator's pg_terminate_backend, a network cut)
+        # and another node starts meanwhile: the first must stop writing.
+        intruder = make_store(database_url, node="node-b")
+        async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as admin:
+            assert node._lock is not None
+            await admin.execute("SELECT pg_terminate_backend(%s)", (node._lock.info.backend_pid,))
+            await intruder.start()
+        try:
+            await until(lambda: node.database_state != "ok", "the node notices", limit=10.0)
+            assert "another node took this node's place" in node.database_state
+            with pytest.raises(DatabaseUnavailable):
+                await node.write([Put("backup", "1", job(1))])
+            assert await intruder.fetch("backup", "1") is None
+        finally:
+            await intruder.stop()
+        # Once the other node has gone, the lock is this node's again.
+        await until(lambda: node.database_state == "ok", "the lock is back", limit=10.0)
+        await node.write([Put("backup", "1", job(1))])
+    finally:
+        await node.stop()
