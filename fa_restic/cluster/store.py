@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import Awaitable, Iterable
+from collections.abc import Coroutine, Iterable
 from typing import Any, TypeVar
 
 import psycopg
@@ -36,6 +36,9 @@ Found = TypeVar("Found")
 NODE_LOCK = 0x66612D6F6E65
 """The advisory lock of "the one node" ("fa-one" in ASCII): held by the node that uses the
 database, as long as it runs. One key, fixed forever, other than the migrations' lock."""
+
+LOCK_ATTEMPTS = 3
+LOCK_RETRY_SECONDS = 0.5
 
 COUNTS_DELAY = 0.5
 """How long after a write the counts are read again: writes meanwhile share one read."""
@@ -174,10 +177,17 @@ class DatabaseStore:
         connection = await self._connect()
         try:
             with unavailable_as_oserror():
-                cursor = await connection.execute("SELECT pg_try_advisory_lock(%s)", (NODE_LOCK,))
-                row = await cursor.fetchone()
-                if row is not None and row[0]:
-                    return connection
+                for attempt in range(LOCK_ATTEMPTS):
+                    if attempt:
+                        # A predecessor that just died or stopped: its session ends a moment
+                        # after its connection.
+                        await asyncio.sleep(LOCK_RETRY_SECONDS)
+                    cursor = await connection.execute(
+                        "SELECT pg_try_advisory_lock(%s)", (NODE_LOCK,)
+                    )
+                    row = await cursor.fetchone()
+                    if row is not None and row[0]:
+                        return connection
                 holder = await self._holder(connection)
         except BaseException:
             await connection.close()
@@ -220,10 +230,14 @@ class DatabaseStore:
 
     async def _release(self) -> None:
         await self.database.close()
-        if self._lock is not None:
+        lock, self._lock = self._lock, None
+        if lock is not None:
             with contextlib.suppress(psycopg.Error):
-                await self._lock.close()  # the session ends: PostgreSQL drops its locks
-            self._lock = None
+                # Said, not left to the end of the session: the server ends a session a
+                # moment after its client left, and a restart must find the lock free.
+                await lock.execute("SELECT pg_advisory_unlock_all()")
+            with contextlib.suppress(psycopg.Error):
+                await lock.close()
 
     # -- the Store protocol -----------------------------------------------------------------
 
@@ -282,7 +296,10 @@ class DatabaseStore:
             self.records.page(collection, owner=owner, label=label, before=before, limit=limit)
         )
 
-    async def _reading(self, work: Awaitable[Found]) -> Found:
+    async def _reading(self, work: Coroutine[Any, Any, Found]) -> Found:
+        if self._stopped or not self._started:
+            work.close()
+            raise RuntimeError("the database store is not running")
         try:
             found = await work
         except DatabaseUnavailable as error:

@@ -1,5 +1,6 @@
-"""A JobService on the fake restic and a store in memory (or a StateStore in tmp_path),
-with real homes under tmp_path: each test takes milliseconds."""
+"""A JobService on the fake restic and a real store, with real homes under tmp_path: each
+test runs on every store (tests/jobs/stores.py: in memory, the JSON state file, PostgreSQL)
+and takes milliseconds."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import pytest
 
@@ -17,9 +18,16 @@ from fa_restic.jobs.models import BackupRecord, JobRecord
 from fa_restic.jobs.service import JobOptions, JobService
 from fa_restic.metrics import Metrics
 from fa_restic.names import JobKind, JobStatus, home_of
-from fa_restic.store import Store
+from fa_restic.store import Store, Value
 from tests.jobs.fake_restic import FakeRestic
-from tests.jobs.memory_store import MemoryStore
+from tests.jobs.stores import (
+    STORE_KINDS,
+    Backing,
+    DatabaseBacking,
+    MemoryBacking,
+    RecordingStore,
+    StateBacking,
+)
 
 Record = TypeVar("Record", bound=JobRecord)
 
@@ -59,18 +67,24 @@ def options_for(data_root: Path, **changes: object) -> JobOptions:
 
 @dataclass
 class Harness:
-    """A started JobService, its fake restic and its store, and the homes it backs up."""
+    """A started JobService, its fake restic and its store, and the homes it backs up.
+
+    `store` is the service's store, which keeps every batch it acknowledged (`statuses`)
+    and can hold writes (`holds`); `backing` is where it keeps them."""
 
     service: JobService
     restic: FakeRestic
-    store: Store
+    store: RecordingStore
+    backing: Backing
     data_root: Path
     stopped: bool = field(default=False)
 
-    @property
-    def memory(self) -> MemoryStore:
-        assert isinstance(self.store, MemoryStore)
-        return self.store
+    async def stored(self, collection: str, key: int | str) -> Value | None:
+        """Returns the durable record, or None: read through the service's store, or once
+        the service stopped, through a new store on the same records (as a restart)."""
+        if self.stopped:
+            return await self.backing.read(collection, key)
+        return await self.store.fetch(collection, str(key))
 
     def path(self, user: str, name: str = "docs") -> Path:
         """Returns a real folder `name` in `user`'s home (made with a file in it)."""
@@ -105,6 +119,14 @@ class Harness:
             what or f"{kind} {record.id} ended (now {record.status})",
         )
         return record
+
+    async def counted(self, collection: str, total: int) -> None:
+        """Waits until the store's counts say `total` records of `collection` (a database's
+        are read in the background, a moment after the writes)."""
+        await until(
+            lambda: sum(self.store.counts(collection).values()) == total,
+            f"{total} {collection} records counted (now {self.store.counts(collection)})",
+        )
 
     async def running(self, record: JobRecord) -> None:
         await until(lambda: record.status is JobStatus.RUNNING, f"job {record.id} running")
@@ -147,12 +169,25 @@ def data_root(tmp_path: Path) -> Path:
     return root
 
 
+@pytest.fixture(params=STORE_KINDS)
+def backing(request: pytest.FixtureRequest, tmp_path: Path) -> Backing:
+    """Where the test's records live: each test runs once on every store."""
+    kind = request.param
+    if kind == "memory":
+        return MemoryBacking()
+    if kind == "state":
+        return StateBacking(tmp_path / "state" / "state.json")
+    url: Any = request.getfixturevalue("database_url")  # only for this store: PostgreSQL
+    return DatabaseBacking(str(url))
+
+
 @pytest.fixture
-async def make_service(data_root: Path) -> AsyncIterator[ServiceMaker]:
+async def make_service(data_root: Path, backing: Backing) -> AsyncIterator[ServiceMaker]:
     """Builds, loads and starts a JobService; waits for its start-up work to end.
 
-    Every service made is stopped at the end of the test. `wait_for_startup=False` returns
-    as soon as `start` has (a test that holds the start-up work).
+    Its store is a new one on `backing` unless given. Every service made is stopped at the
+    end of the test. `wait_for_startup=False` returns as soon as `start` has (a test that
+    holds the start-up work).
     """
     made: list[Harness] = []
 
@@ -163,15 +198,15 @@ async def make_service(data_root: Path) -> AsyncIterator[ServiceMaker]:
         wait_for_startup: bool = True,
         **options: object,
     ) -> Harness:
-        store = store if store is not None else MemoryStore()
+        recording = RecordingStore(store if store is not None else backing.new())
         restic = restic if restic is not None else FakeRestic()
         service = JobService(
-            options_for(data_root, **options), store, restic, Metrics(str(restic.version))
+            options_for(data_root, **options), recording, restic, Metrics(str(restic.version))
         )
-        harness = Harness(service, restic, store, data_root)
+        harness = Harness(service, restic, recording, backing, data_root)
         made.append(harness)
         unlocks = len(restic.calls_of("unlock"))
-        service.load(await store.start())
+        service.load(await recording.start())
         await service.start()
         if not wait_for_startup:
             return harness

@@ -34,7 +34,7 @@ async def running_job(harness: Harness, user: str, job_id: int) -> tuple[BackupR
 
 def cancel_batch(harness: Harness, job_id: int) -> list[Put | Update | object]:
     """Returns the store batch that wrote backup `job_id` as cancelled."""
-    for batch in harness.memory.batches:
+    for batch in harness.store.batches:
         for operation in batch:
             if (
                 isinstance(operation, (Put, Update))
@@ -57,7 +57,7 @@ async def test_cancel_of_a_pending_job(make_service: ServiceMaker) -> None:
     assert cancelled is record and record.status is JobStatus.CANCEL
     assert record.extra == "cancelled by alice before it started"
     assert record.finished_at is not None and record.started_at is None
-    assert harness.memory.statuses("backup", 2) == ["pending", "cancel"]
+    assert harness.store.statuses("backup", 2) == ["pending", "cancel"]
     assert harness.service.health().pending == 0
     assert finished(harness.service.metrics, "backup", "cancel") == 1.0
 
@@ -79,7 +79,7 @@ async def test_cancel_of_a_running_job_interrupts_restic(harness: Harness) -> No
     assert task.done() and harness.service.scheduler.task_of(key) is None
     assert record.extra == "cancelled by alice" and record.pid is None
     assert record.snapshot_id is None
-    assert harness.memory.statuses("backup", 1) == ["pending", "running", "cancel"]
+    assert harness.store.statuses("backup", 1) == ["pending", "running", "cancel"]
     # The interrupted backup left data: a prune is wanted, durably, with the cancel.
     wanted = Put("meta", "upkeep", {"prune_wanted": True})
     assert wanted in cancel_batch(harness, 1)
@@ -114,7 +114,7 @@ async def test_cancel_after_the_scheduler_took_it_before_its_task_ran(
     assert record.status is JobStatus.CANCEL
     assert record.extra == "cancelled by alice before it started"
     assert service.scheduler.task_of(key) is None
-    assert harness.memory.statuses("backup", 1) == ["pending", "cancel"]
+    assert harness.store.statuses("backup", 1) == ["pending", "cancel"]
     await harness.idle()
     assert harness.restic.backed_up() == []
     assert finished(service.metrics, "backup", "cancel") == 1.0
@@ -125,14 +125,14 @@ async def test_cancel_while_the_running_status_is_being_written(make_service: Se
     harness = await make_service(max_running=1)
     record = await harness.backup("alice", 1)  # written at once
     hold = asyncio.Event()
-    harness.memory.holds.append(hold)  # the next write (running) waits
+    harness.store.holds.append(hold)  # the next write (running) waits
     await harness.running(record)
-    stored = harness.memory.record("backup", 1)
+    stored = await harness.stored("backup", 1)
     assert stored is not None and stored["status"] == "pending"
 
     await harness.service.cancel(ALICE, JobKind.BACKUP, 1)
     assert record.status is JobStatus.CANCEL and record.extra == "cancelled by alice"
-    stored = harness.memory.record("backup", 1)
+    stored = await harness.stored("backup", 1)
     assert stored is not None and stored["status"] == "cancel"
     assert harness.restic.backed_up() == [], "restic never started"
     assert harness.service.scheduler.task_of((JobKind.BACKUP, 1)) is None
@@ -148,10 +148,10 @@ async def test_cancel_of_a_job_that_just_succeeded(harness: Harness) -> None:
         await harness.service.cancel(ALICE, JobKind.BACKUP, 1)
     await harness.ended(record)
     assert record.status is JobStatus.SUCCESS and record.snapshot_id is not None
-    stored = harness.memory.record("backup", 1)
+    stored = await harness.stored("backup", 1)
     assert stored is not None and stored["status"] == "success"
     assert stored["snapshot_id"] == record.snapshot_id
-    assert harness.memory.statuses("backup", 1) == ["pending", "running", "success"]
+    assert harness.store.statuses("backup", 1) == ["pending", "running", "success"]
     assert finished(harness.service.metrics, "backup", "cancel") == 0.0
 
     # And once it has ended: the same answer, nothing changes.
@@ -167,11 +167,11 @@ async def test_cancel_twice_returns_the_cancelled_job(harness: Harness) -> None:
         harness.service.cancel(ALICE, JobKind.BACKUP, 1),
     )
     assert first is second is record and record.status is JobStatus.CANCEL
-    writes = len(harness.memory.batches)
+    writes = len(harness.store.batches)
     third = await harness.service.cancel(ALICE, JobKind.BACKUP, 1)
     assert third == record and third.status is JobStatus.CANCEL
-    assert len(harness.memory.batches) == writes, "an already cancelled job is not written"
-    assert harness.memory.statuses("backup", 1) == ["pending", "running", "cancel"]
+    assert len(harness.store.batches) == writes, "an already cancelled job is not written"
+    assert harness.store.statuses("backup", 1) == ["pending", "running", "cancel"]
     assert finished(harness.service.metrics, "backup", "cancel") == 1.0
 
 
@@ -192,9 +192,9 @@ async def test_cancel_all_of_pending_and_running(make_service: ServiceMaker) -> 
     assert gate_one.interrupted and gate_two.interrupted
     assert not {3, 4, 6} & set(restic.backed_up()), "none started while being cancelled"
     for job_id in (3, 4, 6):
-        assert harness.memory.statuses("backup", job_id) == ["pending", "cancel"]
+        assert harness.store.statuses("backup", job_id) == ["pending", "cancel"]
     for job_id in (1, 2):
-        assert harness.memory.statuses("backup", job_id) == ["pending", "running", "cancel"]
+        assert harness.store.statuses("backup", job_id) == ["pending", "running", "cancel"]
 
     # bob's job is not alice's to cancel: it runs in the freed slot.
     await until(bobs_gate.entered.is_set, "bob's job runs")
@@ -228,7 +228,7 @@ async def test_cancel_of_a_running_restore(harness: Harness) -> None:
     assert await service.cancel(ALICE, JobKind.RESTORE, 5) is restore
     assert restore.status is JobStatus.CANCEL and gate.interrupted
     assert restore.extra == f"cancelled by alice; partially restored files may remain in {target}"
-    assert harness.memory.statuses("restore", 5) == ["pending", "running", "cancel"]
+    assert harness.store.statuses("restore", 5) == ["pending", "running", "cancel"]
     # A finished restore id may be used again.
     again = await harness.ended(await service.submit_restore(ALICE, 5, backup.id, target))
     assert again.status is JobStatus.SUCCESS and (target / "restored.txt").exists()

@@ -62,7 +62,7 @@ async def test_cancel_waits_for_a_failing_job_to_end_and_is_refused(harness: Har
     with pytest.raises(JobConflict, match=r"ended \(failed\) before it could be cancelled"):
         await cancel
     assert record.status is JobStatus.FAILED
-    assert harness.memory.statuses("backup", 1) == ["pending", "running", "failed"]
+    assert harness.store.statuses("backup", 1) == ["pending", "running", "failed"]
 
 
 async def test_stop_writes_the_end_of_a_failing_job_before_closing_the_store(
@@ -73,7 +73,7 @@ async def test_stop_writes_the_end_of_a_failing_job_before_closing_the_store(
     await held_back(stop, record)
     unlocking.release()
     await stop
-    stored = harness.memory.record("backup", 1)
+    stored = await harness.stored("backup", 1)
     assert stored is not None and stored["status"] == "failed", stored
 
 
@@ -86,4 +86,4 @@ async def test_destroy_drops_a_failing_jobs_record_for_good(harness: Harness) ->
     for _ in range(20):
         await asyncio.sleep(0)
     assert harness.service.backups == {}
-    assert harness.memory.record("backup", 1) is None
+    assert await harness.stored("backup", 1) is None

@@ -15,6 +15,7 @@ from fa_restic.jobs.intake import Caller
 from fa_restic.jobs.repository import RepositoryState
 from fa_restic.names import JobKind, JobStatus
 from fa_restic.restic.errors import ErrorKind, ResticError
+from fa_restic.store import Delete, Put
 from tests.jobs.conftest import Harness, ServiceMaker, until
 from tests.jobs.fake_restic import BackupScript
 
@@ -41,6 +42,9 @@ async def test_destroy_cancels_everything_and_drops_backup_records(
     running = await harness.backup("alice", 2)
     await until(gate.entered.is_set)
     waiting = await harness.backup("bob", 3)
+    # The report's number of records is the store's counts (a database's are read a moment
+    # after the writes, and may be a few seconds old).
+    await harness.counted("backup", 3)
 
     report = await service.destroy_repository(ROOT)
     assert report == {
@@ -56,10 +60,9 @@ async def test_destroy_cancels_everything_and_drops_backup_records(
     assert await service.records.backup(1) is None
     assert await service.records.restore(10) == restore, "restore records stay"
     assert service.destroyed and service.repository.state is RepositoryState.DESTROYED
-    store = harness.memory
-    assert store.collections.get("backup", {}) == {}
-    assert store.record("meta", "repository") == {"destroyed": True}
-    assert store.record("restore", 10) is not None
+    assert await harness.store.fetch_page("backup") == [], "no backup record is left"
+    assert await harness.stored("meta", "repository") == {"destroyed": True}
+    assert await harness.stored("restore", 10) is not None
     with pytest.raises(UnknownJob):
         await service.get_backup(ALICE, 1)
 
@@ -71,7 +74,7 @@ async def test_destroy_cancels_everything_and_drops_backup_records(
     assert len(restic.calls_of("ensure_initialised")) == initialisations + 1
     assert restic.initialised
     assert not service.destroyed and service.repository.state is RepositoryState.READY
-    assert store.record("meta", "repository") == {"destroyed": False}
+    assert await harness.stored("meta", "repository") == {"destroyed": False}
 
 
 async def test_destroy_refuses_new_jobs_while_under_way(harness: Harness) -> None:
@@ -108,6 +111,7 @@ async def test_destroy_of_a_local_repository_removes_its_folder(
     (repository / "config").write_text("x")
     harness = await make_service(local_repository=repository)
     await harness.ended(await harness.backup("alice", 1))
+    await harness.counted("backup", 1)
     report = await harness.service.destroy_repository(ROOT)
     assert report["method"] == "removed the local repository folder"
     assert report["snapshots_removed"] == 1 and report["backup_records_dropped"] == 1
@@ -118,29 +122,33 @@ async def test_destroy_of_a_local_repository_removes_its_folder(
 async def test_delete_backup_drops_the_record_and_forgets_its_snapshot(
     harness: Harness,
 ) -> None:
-    service, restic, store = harness.service, harness.restic, harness.memory
+    service, restic = harness.service, harness.restic
     record = await harness.ended(await harness.backup("alice", 1))
     snapshot_id = record.snapshot_id
     assert snapshot_id is not None
 
     assert await service.delete_backup(ALICE, 1) == snapshot_id
     # Gone at once, its forget queued durably in the same write.
+    assert snapshot_id in service.forgets
+    deleting = harness.store.batches[-1]
+    assert Delete("backup", "1") in deleting
+    queued = [op for op in deleting if isinstance(op, Put) and op.collection == "forget"]
+    assert [op.key for op in queued] == [snapshot_id]
+    assert queued[0].value["backup_id"] == 1 and queued[0].value["user"] == "alice"
     with pytest.raises(UnknownJob):
         await service.get_backup(ALICE, 1)
-    assert store.record("backup", 1) is None
-    assert snapshot_id in service.forgets
-    forget = store.record("forget", snapshot_id)
-    assert forget is not None and forget["backup_id"] == 1 and forget["user"] == "alice"
+    assert await harness.stored("backup", 1) is None
 
     # Maintenance carries it out: forget, a check that it is gone, then prune.
     await until(lambda: not service.forgets, "forget queue empty")
     await until(lambda: "prune" in restic.names(), "prune ran")
+    await harness.idle()  # the prune's end is written
     assert forgotten(harness) == [snapshot_id]
     assert snapshot_id not in restic.snapshots_by_id
-    assert store.collections.get("forget", {}) == {}
+    assert await harness.stored("forget", snapshot_id) is None
     names = restic.names()
     assert names.index("forget") < names.index("prune")
-    assert store.record("meta", "upkeep") == {"prune_wanted": False}
+    assert await harness.stored("meta", "upkeep") == {"prune_wanted": False}
 
 
 async def test_delete_refusals_and_reuse_of_the_id(make_service: ServiceMaker) -> None:

@@ -108,7 +108,7 @@ async def test_per_user_cap_refuses_with_too_many_pending(make_service: ServiceM
         await harness.backup("alice", 13)
     with pytest.raises(UnknownJob):
         await service.get_backup(Caller("alice"), 13)  # a refused job leaves no record
-    assert harness.memory.record("backup", 13) is None
+    assert await harness.stored("backup", 13) is None
 
     # Others have caps of their own; an admin has none.
     await harness.backup("bob", 20)
@@ -130,7 +130,7 @@ async def test_concurrent_posts_do_not_overshoot_the_cap(make_service: ServiceMa
     await harness.backup("carol", 1)
     await until(blocker.entered.is_set)
     hold = asyncio.Event()
-    harness.memory.holds.extend([hold] * 6)  # every write waits: the POSTs overlap
+    harness.store.holds.extend([hold] * 6)  # every write waits: the POSTs overlap
     posts = [asyncio.create_task(harness.backup("alice", job_id)) for job_id in range(10, 16)]
     await turns()
     hold.set()

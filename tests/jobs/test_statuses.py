@@ -37,7 +37,7 @@ async def test_backup_goes_pending_running_success(harness: Harness) -> None:
     gate = restic.hold("backup:1")
     record = await harness.backup("alice", 1)
     # Answered: the record is durable, pending.
-    stored = harness.memory.record("backup", 1)
+    stored = await harness.stored("backup", 1)
     assert stored is not None and stored["status"] == "pending"
     assert record.status in {JobStatus.PENDING, JobStatus.RUNNING}
 
@@ -45,7 +45,7 @@ async def test_backup_goes_pending_running_success(harness: Harness) -> None:
     assert record.status is JobStatus.RUNNING
     assert record.attempts == 1 and record.started_at is not None
     assert record.pid == FAKE_PID, "on_start recorded restic's pid"
-    stored = harness.memory.record("backup", 1)
+    stored = await harness.stored("backup", 1)
     assert stored is not None
     assert stored["status"] == "running" and stored["pid"] == FAKE_PID
     call = restic.calls_of("backup")[0]
@@ -60,8 +60,8 @@ async def test_backup_goes_pending_running_success(harness: Harness) -> None:
     assert record.extra == "" and record.pid is None and record.finished_at is not None
     assert record.snapshot_id is not None and len(record.snapshot_id) == 64
     assert restic.snapshots_by_id[record.snapshot_id].tags == ["fa:id=1", "fa:user=alice"]
-    assert harness.memory.statuses("backup", 1) == ["pending", "running", "success"]
-    stored = harness.memory.record("backup", 1)
+    assert harness.store.statuses("backup", 1) == ["pending", "running", "success"]
+    stored = await harness.stored("backup", 1)
     assert stored is not None
     assert stored["snapshot_id"] == record.snapshot_id and stored["total_size"] == 1000
     assert service.progress(JobKind.BACKUP, record).percent_done == 1.0
@@ -110,8 +110,8 @@ async def test_restic_failure_ends_failed_with_its_message(harness: Harness) -> 
     assert record.status is JobStatus.FAILED
     assert record.extra == message
     assert record.snapshot_id is None and record.finished_at is not None
-    assert harness.memory.statuses("backup", 1) == ["pending", "running", "failed"]
-    stored = harness.memory.record("backup", 1)
+    assert harness.store.statuses("backup", 1) == ["pending", "running", "failed"]
+    stored = await harness.stored("backup", 1)
     assert stored is not None and stored["extra"] == message
     assert finished(harness.service.metrics, "backup", "failed") == 1.0
 
@@ -124,7 +124,7 @@ async def test_failed_job_removes_stale_locks_before_it_says_failed(harness: Har
     await until(unlocking.entered.is_set, "remove_stale_locks called")
     # The locks are being removed: the job does not say failed yet, nor does the store.
     assert record.status is JobStatus.RUNNING
-    stored = harness.memory.record("backup", 1)
+    stored = await harness.stored("backup", 1)
     assert stored is not None and stored["status"] == "running"
     unlocking.release()
     await harness.ended(record)
@@ -176,7 +176,7 @@ async def test_terminal_status_never_changes(harness: Harness) -> None:
     assert again is not bad and again.status is JobStatus.SUCCESS
     assert bad.status is JobStatus.FAILED and bad.extra == "Fatal: broken"
     assert again.attempts == 1 and again.extra == ""
-    assert harness.memory.statuses("backup", 2) == [
+    assert harness.store.statuses("backup", 2) == [
         "pending",
         "running",
         "failed",
@@ -187,7 +187,7 @@ async def test_terminal_status_never_changes(harness: Harness) -> None:
 
     # Stopping the service leaves finished jobs as they are.
     await harness.stop()
-    stored = harness.memory.record("backup", 1)
+    stored = await harness.stored("backup", 1)
     assert stored is not None and stored["status"] == "success"
 
 
