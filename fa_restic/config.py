@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import os
 import secrets
+import socket
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 
 class ConfigError(Exception):
@@ -91,6 +92,21 @@ class AuthSettings(_Section):
     tokens: list[StaticToken] = Field(default_factory=list)
 
 
+NODE_NAME_REGEX = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
+
+
+class ClusterSettings(_Section):
+    """`[cluster]`: the records in PostgreSQL (SPEC §10). Present: `paths.state_file` is not
+    used. Several nodes on one database are not supported yet: a second one refuses to start."""
+
+    database_url: SecretStr = SecretStr("")
+    """A libpq URL or keyword string; a secret (its password): never logged or shown."""
+    node_name: Annotated[str, Field(pattern=NODE_NAME_REGEX)] = Field(
+        default_factory=lambda: socket.gethostname()[:63] or "node"
+    )
+    lease_seconds: Annotated[float, Field(gt=0, le=3600)] = 30.0
+
+
 class Settings(_Section):
     server: ServerSettings = Field(default_factory=ServerSettings)
     paths: PathSettings = Field(default_factory=PathSettings)
@@ -99,6 +115,7 @@ class Settings(_Section):
     jobs: JobSettings = Field(default_factory=JobSettings)
     maintenance: MaintenanceSettings = Field(default_factory=MaintenanceSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
+    cluster: ClusterSettings | None = None
 
     @property
     def is_local_repository(self) -> bool:
@@ -179,7 +196,30 @@ def parse_settings(document: dict[str, Any], base: Path, environ: dict[str, str]
         settings = settings.model_copy(
             update={"auth": settings.auth.model_copy(update={"jwt_secret": secret})}
         )
+    if settings.cluster is not None:
+        settings = settings.model_copy(update={"cluster": _cluster(settings.cluster, environ)})
     return settings
+
+
+def _cluster(cluster: ClusterSettings, environ: dict[str, str]) -> ClusterSettings:
+    """Returns `[cluster]` with FA_DATABASE_URL applied; raises ConfigError when there is no
+    usable database URL (the message never holds the URL: it may hold a password)."""
+    # Imported here: only a node in cluster mode needs the driver.
+    import psycopg
+
+    from fa_restic.cluster.database import DATABASE_URL_ENV
+
+    url = environ.get(DATABASE_URL_ENV) or cluster.database_url.get_secret_value()
+    if not url.strip():
+        raise ConfigError(f"cluster.database_url: missing (set it or {DATABASE_URL_ENV})")
+    try:
+        psycopg.conninfo.conninfo_to_dict(url)
+    except psycopg.Error:  # its reason quotes the URL
+        raise ConfigError(
+            "cluster.database_url: not a libpq URL (postgresql://user@host:5432/name) "
+            "or keyword string"
+        ) from None
+    return cluster.model_copy(update={"database_url": SecretStr(url)})
 
 
 def load_settings(path: Path, environ: dict[str, str] | None = None) -> Settings:

@@ -17,7 +17,7 @@ from fa_restic.config import Settings
 from fa_restic.jobs.records import LAYOUT
 from fa_restic.jobs.service import JobOptions, JobService
 from fa_restic.metrics import Metrics
-from fa_restic.store import StateStore
+from fa_restic.store import Collections, StateStore, Store
 from fa_restic.wiring import backups_confined, local_repository_path, make_restic
 
 log = logging.getLogger("fa_restic")
@@ -32,11 +32,34 @@ DEMO_USER = "demo"
 async def build_app(settings: Settings) -> web.Application:
     """Returns the application for `settings` with its records loaded.
 
-    Raises ResticError if restic is unusable, StateError if the state file is unreadable.
+    Raises ResticError if restic is unusable, StateError if the state file is unreadable
+    (with `[cluster]`: the database cannot be reached, or another node uses it).
     """
-    # The state first: a file that cannot be read stops the start before anything else.
-    store = StateStore(settings.paths.state_file, LAYOUT)
+    # The state first: a file (or a database) that cannot be read stops the start before
+    # anything else.
+    store = _store(settings)
     collections = await store.start()
+    try:
+        return await _build(settings, store, collections)
+    except BaseException:
+        await store.stop()  # a database's pool and its one node's lock, a file's journal
+        raise
+
+
+def _store(settings: Settings) -> Store:
+    """Returns the records' store: the state file, or with `[cluster]` the database."""
+    if settings.cluster is None:
+        return StateStore(settings.paths.state_file, LAYOUT)
+    from fa_restic.cluster.store import DatabaseStore
+
+    return DatabaseStore(
+        settings.cluster.database_url.get_secret_value(),
+        layout=LAYOUT,
+        node=settings.cluster.node_name,
+    )
+
+
+async def _build(settings: Settings, store: Store, collections: Collections) -> web.Application:
     restic = await make_restic(settings)
     confined = await asyncio.to_thread(backups_confined, settings)
     settings.paths.data_root.mkdir(parents=True, exist_ok=True)

@@ -172,14 +172,16 @@ class Handlers:
         health = self.service.health()
         repository = await self.service.repository.health()
         admin = self._admin_or_none(request)
-        return success(
-            {
-                "restic_version": str(self.service.restic.version),
-                "repository": repository.detail if admin else repository.public,
-                "pending": health.pending,
-                "running": health.running,
-            }
-        )
+        data: dict[str, Any] = {
+            "restic_version": str(self.service.restic.version),
+            "repository": repository.detail if admin else repository.public,
+            "pending": health.pending,
+            "running": health.running,
+        }
+        if health.node is not None:  # records in the cluster's database (SPEC §10)
+            data["node"] = health.node
+            data["database"] = health.database
+        return success(data)
 
     async def metrics(self, request: web.Request) -> web.Response:
         body = self.service.metrics.render()

@@ -159,6 +159,14 @@ SCHEMAS: dict[str, Any] = {
             "repository": {"type": "string", "description": '"ok", or why it is not'},
             "pending": {"type": "integer", "minimum": 0},
             "running": {"type": "integer", "minimum": 0},
+            "node": {
+                "type": "string",
+                "description": "this node's name; only with [cluster] (records in PostgreSQL)",
+            },
+            "database": {
+                "type": "string",
+                "description": '"ok", or why the database is not usable; only with [cluster]',
+            },
         },
         "required": ["restic_version", "repository", "pending", "running"],
     },

@@ -14,7 +14,7 @@ import logging
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from fa_restic.jobs import maintenance
 from fa_restic.jobs.browse import DEFAULT_BUDGET_BYTES, Browser, Level, TreeCache
@@ -69,6 +69,22 @@ class Health:
     pending: int
     running: int
     maintenance: str | None
+    node: str | None = None
+    """This node's name, when the records are in the cluster's database (SPEC §10)."""
+    database: str | None = None
+    """`ok` or a short reason, when the records are in the cluster's database."""
+
+
+@runtime_checkable
+class NodeStore(Protocol):
+    """A store that is a cluster's database (fa_restic.cluster.DatabaseStore): its node's
+    name and the database's state, for healthz."""
+
+    @property
+    def node(self) -> str: ...
+
+    @property
+    def database_state(self) -> str: ...
 
 
 class JobService:
@@ -298,11 +314,15 @@ class JobService:
         return await self.removal.destroy(caller.user)
 
     def health(self) -> Health:
-        return Health(
+        health = Health(
             pending=self.scheduler.queued_count,
             running=self.scheduler.running_count,
             maintenance=self.scheduler.exclusive_name,
         )
+        store = self.store
+        if isinstance(store, NodeStore):
+            health.node, health.database = store.node, store.database_state
+        return health
 
     def _counts(self) -> JobCounts:
         health = self.health()
