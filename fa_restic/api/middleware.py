@@ -18,6 +18,7 @@ from fa_restic.api.views import parse_body, parse_id, parse_query
 from fa_restic.jobs.errors import JobError, UnknownJob
 from fa_restic.names import NOT_FOUND_CODE
 from fa_restic.restic.errors import ResticError
+from fa_restic.store.errors import StoreUnavailable
 
 log = logging.getLogger("fa_restic.api")
 
@@ -63,6 +64,8 @@ def _known_failure(request: web.Request, route: Route, error: Exception) -> ApiE
         return ApiError(200, NOT_FOUND_CODE, message)
     if isinstance(error, _REFUSED):
         return ApiError(400, 400, route.message(str(error)))
+    if isinstance(error, StoreUnavailable):  # the records' database is down: try again
+        return ApiError(503, 503, route.message(f"records unavailable: {error}"))
     # The repository's own failure is told in full to admins only (it may name the
     # repository); on a user's route it is an unexpected failure, in the log.
     if route.auth is Auth.ADMIN and isinstance(error, ResticError):

@@ -2,7 +2,8 @@
 
 Every answer but `/metrics` (Prometheus text) and `openapi.json` (this document) is the
 envelope `{"code", "message", "data"}` (SPEC §5); each operation documents its success
-`data`, the errors it can answer with, and a `default` envelope for the rest (405, 413, 500).
+`data`, the errors it can answer with, and a `default` envelope for the rest (405, 413, 500,
+503).
 """
 
 from __future__ import annotations
@@ -216,7 +217,8 @@ def _responses(route: Route) -> dict[str, Any]:
         if route.auth is Auth.ADMIN:
             responses["403"] = _envelope("not an admin token")
     responses["default"] = _envelope(
-        "any other error (405 wrong method, 413 body too large, 500): short text, data null"
+        "any other error (405 wrong method, 413 body too large, 500, 503 records' database "
+        "unavailable in cluster mode): short text, data null"
     )
     return responses
 

@@ -23,6 +23,8 @@ import psycopg
 from psycopg.types.json import set_json_dumps, set_json_loads
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
+from fa_restic.store.errors import StoreUnavailable
+
 log = logging.getLogger("fa_restic.cluster")
 
 DATABASE_URL_ENV = "FA_DATABASE_URL"
@@ -41,7 +43,7 @@ _UNAVAILABLE_CLASSES = frozenset({"08", "53", "57", "58"})
 Connection = psycopg.AsyncConnection[Any]
 
 
-class DatabaseUnavailable(OSError):
+class DatabaseUnavailable(StoreUnavailable):
     """The database cannot be reached or cannot work now; try again later.
 
     The message is short and names no host or account (healthz shows it); the error from

@@ -143,3 +143,38 @@ async def test_a_single_nodes_records_imported_are_served_in_cluster_mode(
     status, body = await node.call("POST", "/backup", json={"id": 1, "path": "project"})
     assert (status, body["code"]) == (400, 400), body
     assert await database_ids(database_url, "restore") == [5, 6]
+
+
+async def test_a_node_without_its_database_answers_503_and_recovers(
+    make_api: Any, newest_restic: str, database_url: str, postgres_server: Any
+) -> None:
+    """SPEC §10: a node that loses the database answers 503 where it needs it (the envelope,
+    nothing written), and works again by itself once the database is back."""
+    api: Api = await make_api(newest_restic, extra=cluster_table(database_url))
+    make_small_tree(api.home("alice") / "project")
+    await backed_up(api, 1, "project")
+
+    await asyncio.to_thread(postgres_server.stop)
+    try:
+        status, body = await api.call("GET", "/backup/1")  # finished: read from the database
+        assert (status, body["code"], body["data"]) == (503, 503, None), body
+        assert body["message"].startswith("err when load backup: records unavailable"), body
+        status, body = await api.call("POST", "/backup", json={"id": 2, "path": "project"})
+        assert (status, body["code"]) == (503, 503), body
+        status, body = await api.call("GET", "/backup?limit=5")
+        assert (status, body["code"]) == (503, 503), body
+    finally:
+        await asyncio.to_thread(postgres_server.start)
+
+    async def answered() -> dict[str, Any]:
+        for _ in range(100):
+            status, body = await api.call("GET", "/backup/1")
+            if status == 200:
+                return body
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"no recovery: {body}")
+
+    assert (await answered())["data"]["status"] == "success"
+    assert (await api.job("backup", 2))["code"] == 4001, "the refused POST left a record"
+    await backed_up(api, 2, "project")
+    assert await database_ids(database_url, "backup") == [1, 2]
