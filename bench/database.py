@@ -1,0 +1,341 @@
+"""`database` (issue 10): records in PostgreSQL (`[cluster]`) against the JSON state file.
+
+Four real services run at the same time, each with its own home, repository and records:
+the state file and a PostgreSQL database, each seeded with 1,000 and with 50,000 finished
+backup records (the state file through the store's own API, the database by
+`fa-restic import-state` of such a file). The PostgreSQL server is a throwaway one this
+benchmark starts (initdb, 127.0.0.1), durable as a real one: fsync and synchronous commit
+on, as the state file fsyncs each change.
+
+- POST: BENCH_POSTS (300) POST /backup of a tiny file to the four in turn (the order
+  flipped every round), after 10 unmeasured; each is answered once its record is durable.
+  The backups run in the background, one at a time, alike everywhere; cancel-all at the end.
+- GET: BENCH_GETS (1,000) GET /backup/{id} of random seeded (finished) ids per service, one
+  client, one request at a time, in blocks of 50 going round the services and a bare
+  aiohttp server (bench.status_latency's, answering the same bytes from memory).
+
+Goals (issue 10): on PostgreSQL, POST p50 growth 1k -> 50k <= 1.2, and GET p99 at 50,000
+records within 1.5x the bare handler's. The state file's figures are beside them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import psycopg
+
+from bench import (
+    API,
+    NOISE_NOTE,
+    Service,
+    free_port,
+    headers,
+    log,
+    make_repo,
+    percentile,
+    restic_binary,
+    restic_version,
+    say,
+    temporary_folder,
+    write_config,
+    write_results,
+)
+from bench.state import SEED_USERS, seed_records, write_state
+from bench.status_latency import wait_port
+from tests.pg import PostgresServer, _postgres_bin, _unprivileged
+
+SIZES = (1_000, 50_000)
+POSTS = int(os.environ.get("BENCH_POSTS", 300))
+GETS = int(os.environ.get("BENCH_GETS", 1000))
+WARMUP = 10
+BLOCK = 50
+GOAL_POST_GROWTH = 1.2
+GOAL_GET_P99_VS_BARE = 1.5
+POSTERS = [f"poster{number:02d}" for number in range(20)]
+"""The POSTs go round these users: one user may have at most 100 jobs pending."""
+
+
+class DurablePostgres(PostgresServer):
+    """The tests' throwaway server, but durable: this compares durable writes."""
+
+    def start(self) -> None:
+        options = f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.folder}"
+        log_file = str(self.folder / "log")
+        self.run("pg_ctl", "-D", str(self.data), "-l", log_file, "-o", options, "-w", "start")
+
+
+def start_postgres() -> DurablePostgres:
+    bin_folder = _postgres_bin()
+    if bin_folder is None:
+        raise RuntimeError("no PostgreSQL initdb/pg_ctl found (scripts/setup installs it)")
+    account = _unprivileged()
+    folder = Path(tempfile.mkdtemp(prefix="fa-restic-bench-postgres-"))
+    if account is not None:
+        os.chown(folder, account.pw_uid, account.pw_gid)
+    server = DurablePostgres(bin_folder, folder, free_port(), account)
+    server.run("initdb", "-D", str(server.data), "-U", "fa", "-A", "trust")
+    server.start()
+    return server
+
+
+class Side:
+    """One service: its store ("file" or "postgres") and how many records it starts with."""
+
+    def __init__(self, folder: Path, store: str, size: int, binary: str) -> None:
+        self.store, self.size, self.folder = store, size, folder
+        self.name = f"{store}-{size // 1000}k"
+        folder.mkdir(parents=True)
+        self.data_root = folder / "data"
+        for user in POSTERS:
+            home = self.data_root / "users" / user
+            home.mkdir(parents=True)
+            (home / "tiny.txt").write_bytes(b"tiny\n")
+        self.repo = make_repo(folder, binary)
+        self.binary = binary
+        self.state_file = folder / "state.json"
+        self.posts: list[float] = []
+        self.gets: list[float] = []
+        self.service: Service | None = None
+
+    def seed(self, database_url: str | None) -> None:
+        """Writes the records; into the database with import-state, as an operator would."""
+        write_state(self.state_file, seed_records(self.size, self.data_root))
+        if database_url is None:
+            return
+        done = subprocess.run(
+            [sys.executable, "-m", "fa_restic", "import-state", "--from", str(self.state_file)],
+            env={**os.environ, "FA_DATABASE_URL": database_url},
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"import-state: {done.stdout}{done.stderr}")
+        for found in self.folder.glob("state.json*"):
+            found.unlink()  # the node in cluster mode must not need it
+
+    def start(self, database_url: str | None) -> Service:
+        port = free_port()
+        config = write_config(
+            self.folder,
+            data_root=self.data_root,
+            repo=self.repo,
+            binary=self.binary,
+            port=port,
+            max_running=1,
+            state_file=self.state_file,
+        )
+        if database_url is not None:
+            with config.open("a", encoding="utf-8") as text:
+                text.write(f'\n[cluster]\ndatabase_url = "{database_url}"\nnode_name = "bench"\n')
+        self.service = Service(config, port)
+        self.service.start()
+        return self.service
+
+
+async def create_database(server: PostgresServer, name: str) -> str:
+    async with await psycopg.AsyncConnection.connect(server.url(), autocommit=True) as admin:
+        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE template0')
+    return server.url(name)
+
+
+async def post_round(sides: list[Side]) -> None:
+    async with aiohttp.ClientSession() as session:
+        for number in range(WARMUP + POSTS):
+            order = sides if number % 2 == 0 else sides[::-1]
+            for side in order:
+                assert side.service is not None
+                user = POSTERS[number % len(POSTERS)]
+                elapsed = await timed_post(session, side.service, side.size + 1 + number, user)
+                if number >= WARMUP:
+                    side.posts.append(elapsed)
+        for side in sides:
+            assert side.service is not None
+            async with session.post(
+                f"{side.service.base}{API}/backup/cancel-all", headers=headers(admin=True)
+            ) as response:
+                body = await response.json()
+            if body.get("code") != 2001:
+                raise RuntimeError(f"cancel-all on {side.name}: {body}")
+
+
+async def timed_post(
+    session: aiohttp.ClientSession, service: Service, backup_id: int, user: str
+) -> float:
+    started = time.perf_counter()
+    async with session.post(
+        f"{service.base}{API}/backup",
+        json={"id": backup_id, "path": "tiny.txt"},
+        headers=headers(user),
+    ) as response:
+        body = await response.json()
+    elapsed = time.perf_counter() - started
+    if body.get("code") != 2001:
+        raise RuntimeError(f"POST backup {backup_id} to {service.base}: {body}")
+    return elapsed
+
+
+async def timed_get(session: aiohttp.ClientSession, url: str, user: str) -> float:
+    sent_headers = headers(user)
+    started = time.perf_counter()
+    async with session.get(url, headers=sent_headers) as response:
+        body = await response.read()
+    elapsed = time.perf_counter() - started
+    if response.status != 200 or json.loads(body).get("code") != 2001:
+        raise RuntimeError(f"GET {url}: {response.status} {body[:200]!r}")
+    return elapsed
+
+
+async def get_round(sides: list[Side], bare_base: str, bare: list[float]) -> None:
+    chooser = random.Random(20261202)  # noqa: S311 - which ids to read, not a secret
+    async with aiohttp.ClientSession() as session:
+        for start in range(0, GETS, BLOCK):
+            for side in sides:
+                assert side.service is not None
+                for _ in range(min(BLOCK, GETS - start)):
+                    backup_id = chooser.randint(1, side.size)
+                    url = f"{side.service.base}{API}/backup/{backup_id}"
+                    owner = f"user{backup_id % SEED_USERS:03d}"  # as bench.state seeds them
+                    side.gets.append(await timed_get(session, url, owner))
+            for _ in range(min(BLOCK, GETS - start)):
+                bare.append(await timed_get(session, f"{bare_base}{API}/backup/1", "user001"))
+
+
+def figures(values: list[float]) -> dict[str, float]:
+    return {
+        "p50_ms": percentile(values, 50) * 1000,
+        "p99_ms": percentile(values, 99) * 1000,
+        "max_ms": max(values) * 1000,
+    }
+
+
+def main() -> int:
+    binary = restic_binary()
+    version = restic_version(binary)
+    say(f"== database: records in PostgreSQL vs the state file (restic {version})")
+    say(NOISE_NOTE)
+    server = start_postgres()
+    bare_process: subprocess.Popen[bytes] | None = None
+    sides: list[Side] = []
+    try:
+        with temporary_folder("database") as scratch:
+            folder = Path(scratch)
+            urls: dict[str, str | None] = {}
+            for store in ("file", "postgres"):
+                for size in SIZES:
+                    side = Side(folder / f"{store}-{size}", store, size, binary)
+                    url = None
+                    if store == "postgres":
+                        url = asyncio.run(create_database(server, f"bench_{size}"))
+                    started = time.monotonic()
+                    side.seed(url)
+                    log(f"{side.name}: seeded in {time.monotonic() - started:.1f} s")
+                    urls[side.name] = url
+                    sides.append(side)
+            for side in sides:
+                side.start(urls[side.name])
+            for side in sides:
+                assert side.service is not None
+                asyncio.run(side.service.wait_healthy())
+            log(f"POST x {POSTS} to the four services in turn")
+            asyncio.run(post_round(sides))
+
+            body_file = folder / "bare-body.json"
+            first = sides[-1].service
+            assert first is not None
+
+            async def one_body() -> bytes:
+                async with (
+                    aiohttp.ClientSession() as session,
+                    session.get(
+                        f"{first.base}{API}/backup/1", headers=headers(f"user{1 % SEED_USERS:03d}")
+                    ) as response,
+                ):
+                    return await response.read()
+
+            body_file.write_bytes(asyncio.run(one_body()))
+            bare_port = free_port()
+            bare_process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "bench.status_latency",
+                    "--bare",
+                    str(bare_port),
+                    str(body_file),
+                ]
+            )
+            asyncio.run(wait_port(bare_port))
+            bare: list[float] = []
+            log(f"GET x {GETS} per service and of the bare server, in blocks of {BLOCK}")
+            asyncio.run(get_round(sides, f"http://127.0.0.1:{bare_port}", bare))
+            exits = {side.name: side.service.stop() if side.service else 0 for side in sides}
+    finally:
+        if bare_process is not None:
+            bare_process.terminate()
+            bare_process.wait()
+        for side in sides:
+            if side.service is not None and side.service.process is not None:
+                side.service.stop()
+        server.stop()
+        shutil.rmtree(server.folder, ignore_errors=True)
+
+    by_name = {side.name: side for side in sides}
+    results: dict[str, Any] = {
+        "restic": {"binary": binary, "version": version},
+        "posts": POSTS,
+        "gets": GETS,
+        "exit_codes": exits,
+        "bare_get": figures(bare),
+        "goals": {"post_growth": GOAL_POST_GROWTH, "get_p99_vs_bare": GOAL_GET_P99_VS_BARE},
+    }
+    for side in sides:
+        results[side.name] = {"post": figures(side.posts), "get": figures(side.gets)}
+    bare_p99 = figures(bare)["p99_ms"]
+    for store in ("postgres", "file"):
+        small, large = by_name[f"{store}-1k"], by_name[f"{store}-50k"]
+        growth = percentile(large.posts, 50) / percentile(small.posts, 50)
+        get_ratio = figures(large.gets)["p99_ms"] / bare_p99
+        results[store] = {"post_growth": growth, "get_p99_vs_bare": get_ratio}
+        judged = store == "postgres"
+        say(
+            f"{store}_post_growth_1k_50k = {growth:.2f} (p50 "
+            f"{figures(small.posts)['p50_ms']:.2f} -> {figures(large.posts)['p50_ms']:.2f} ms, "
+            f"p99 {figures(small.posts)['p99_ms']:.2f} -> {figures(large.posts)['p99_ms']:.2f}"
+            f" ms; {POSTS} POSTs each"
+            + (
+                f"; goal <= {GOAL_POST_GROWTH}: "
+                f"{'met' if growth <= GOAL_POST_GROWTH else 'MISSED'})"
+                if judged
+                else "; for comparison)"
+            )
+        )
+        say(
+            f"{store}_get_p99_vs_bare_50k = {get_ratio:.2f} (p99 "
+            f"{figures(large.gets)['p99_ms']:.2f} ms, p50 {figures(large.gets)['p50_ms']:.2f} ms;"
+            f" bare p99 {bare_p99:.2f} ms, p50 {figures(bare)['p50_ms']:.2f} ms; 1k p99 "
+            f"{figures(small.gets)['p99_ms']:.2f} ms"
+            + (
+                f"; goal <= {GOAL_GET_P99_VS_BARE}: "
+                f"{'met' if get_ratio <= GOAL_GET_P99_VS_BARE else 'MISSED'})"
+                if judged
+                else "; for comparison)"
+            )
+        )
+    write_results("database", results)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
