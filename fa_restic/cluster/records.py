@@ -26,7 +26,7 @@ from psycopg.types.json import Jsonb
 
 from fa_restic.cluster.database import Connection, Database
 from fa_restic.names import JobKind, JobStatus
-from fa_restic.store import Clear, Delete, Operation, Put, Update, Value
+from fa_restic.store import Clear, Cleared, Delete, Operation, Put, Update, Value
 
 BACKUPS = JobKind.BACKUP.value
 RESTORES = JobKind.RESTORE.value
@@ -161,29 +161,40 @@ class DatabaseRecords:
             )
             return await cursor.fetchone() is not None
 
-    async def write(self, operations: Iterable[Operation]) -> None:
+    async def write(self, operations: Iterable[Operation]) -> Cleared:
         """Applies a batch of store operations atomically, in order, in one transaction;
-        returns once it is committed.
+        returns once it is committed, with how many rows each Clear deleted (the
+        database's own count, exact whatever other nodes did before).
 
         Raises DatabaseUnavailable (nothing changed then, unless the commit itself was cut
         short) or ValueError for an unknown collection or a job key that is not an integer
         (nothing is sent then).
         """
-        statements = [_statement(operation) for operation in operations]
+        batch = list(operations)
+        statements = [_statement(operation) for operation in batch]
+        cleared: Cleared = {}
         if not statements:
-            return
+            return cleared
         async with self.database.transaction() as connection:
             # Runs of one statement go as one executemany (pipelined): a cancel-all's 50,000
             # updates cost round trips by the batch, not by the record.
             start = 0
             while start < len(statements):
                 query = statements[start][0]
+                if isinstance(batch[start], Clear):
+                    # Alone, so that its row count is its own.
+                    cursor = await connection.execute(query, statements[start][1])
+                    name = batch[start].collection
+                    cleared[name] = cleared.get(name, 0) + max(cursor.rowcount, 0)
+                    start += 1
+                    continue
                 end = start + 1
                 while end < len(statements) and statements[end][0] == query:
                     end += 1
                 async with connection.cursor() as cursor:
                     await cursor.executemany(query, [params for _, params in statements[start:end]])
                 start = end
+        return cleared
 
     async def next_sequence(self) -> int:
         """Returns the next queue position, unique and increasing across every node."""

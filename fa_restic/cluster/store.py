@@ -27,7 +27,7 @@ from psycopg_pool import PoolTimeout
 
 from fa_restic.cluster.database import Database, DatabaseUnavailable, unavailable_as_oserror
 from fa_restic.cluster.records import DatabaseRecords
-from fa_restic.store import Collections, Layout, Operation, StateError, Store, Value
+from fa_restic.store import Cleared, Collections, Layout, Operation, StateError, Store, Value
 
 log = logging.getLogger("fa_restic.cluster")
 
@@ -54,6 +54,11 @@ OK = "ok"
 
 class DatabaseInUse(StateError):
     """Another process holds the one node's lock: this node must not start."""
+
+    def __init__(self, message: str, holder: str = "another process") -> None:
+        super().__init__(message)
+        self.holder = holder
+        """Who holds the lock (application name and address), as far as one may see."""
 
 
 def redact(url: str) -> str:
@@ -110,7 +115,7 @@ class DatabaseStore:
         self._counts_stale = False
         self._watch_task: asyncio.Task[None] | None = None
         self._writing = asyncio.Lock()
-        self._writes: set[asyncio.Task[None]] = set()
+        self._writes: set[asyncio.Task[Cleared]] = set()
         self._state = OK
         self._displaced = False
         self._started = False
@@ -195,7 +200,8 @@ class DatabaseStore:
         await connection.close()
         raise DatabaseInUse(
             f"another node ({holder}) is using the database {redact(self._url)}: "
-            f"{ONE_NODE_ONLY} (stop it, or give this node a database of its own)"
+            f"{ONE_NODE_ONLY} (stop it, or give this node a database of its own)",
+            holder,
         )
 
     @staticmethod
@@ -241,8 +247,9 @@ class DatabaseStore:
 
     # -- the Store protocol -----------------------------------------------------------------
 
-    async def write(self, operations: Iterable[Operation]) -> None:
-        """Commits a batch in one transaction; returns once it is committed.
+    async def write(self, operations: Iterable[Operation]) -> Cleared:
+        """Commits a batch in one transaction; returns once it is committed, with how many
+        records each Clear deleted (the database's count, not the cached `counts`).
 
         Raises DatabaseUnavailable (an OSError; nothing changed then, unless the commit
         itself was cut short) and RuntimeError once stopped. A caller cancelled meanwhile
@@ -250,7 +257,7 @@ class DatabaseStore:
         """
         batch = list(operations)
         if not batch:
-            return
+            return {}
         if self._stopped or not self._started:
             raise RuntimeError("the database store is not running")
         if self._displaced:
@@ -260,22 +267,23 @@ class DatabaseStore:
         task = asyncio.create_task(self._commit(batch))
         self._writes.add(task)
         task.add_done_callback(self._written)
-        await asyncio.shield(task)
+        return await asyncio.shield(task)
 
-    def _written(self, task: asyncio.Task[None]) -> None:
+    def _written(self, task: asyncio.Task[Cleared]) -> None:
         self._writes.discard(task)
         if not task.cancelled():
             task.exception()  # retrieved: a caller cancelled meanwhile no longer asks
 
-    async def _commit(self, batch: list[Operation]) -> None:
+    async def _commit(self, batch: list[Operation]) -> Cleared:
         async with self._writing:
             try:
-                await self.records.write(batch)
+                cleared = await self.records.write(batch)
             except DatabaseUnavailable as error:
                 self._note(str(error))
                 raise
             self._note(OK)
         self._counts_later()
+        return cleared
 
     async def fetch(self, collection: str, key: str) -> Value | None:
         """Returns one record, or None; raises DatabaseUnavailable."""

@@ -83,10 +83,15 @@ class Removal:
         except BaseException:
             self.repository.state = before
             raise
-        dropped = sum(self.records.status_counts()[JobKind.BACKUP].values())
         clear = self.records.clear(JobKind.BACKUP)
         self.repository.state = RepositoryState.DESTROYED
-        await self.records.write([clear, *self.upkeep.clear(), self.repository.op()])
+        # The store counts what its Clear removed: exact, where counts() of a database may
+        # be a moment old. (Records.write would retire live records the batch finished:
+        # this batch finishes none, and its Clear dropped them already.)
+        cleared = await self.records.store.write(
+            [clear, *self.upkeep.clear(), self.repository.op()]
+        )
+        dropped = cleared.get(JobKind.BACKUP, 0)
         log.warning(
             "repository destroyed by %s: %s; %d backup records dropped",
             by,

@@ -2,6 +2,7 @@
 
 from fa_restic.store.operations import (
     Clear,
+    Cleared,
     Collections,
     Delete,
     Layout,
@@ -15,6 +16,7 @@ from fa_restic.store.state import StateError, StateStore
 
 __all__ = [
     "Clear",
+    "Cleared",
     "Collections",
     "Delete",
     "Layout",

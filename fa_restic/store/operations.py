@@ -41,6 +41,9 @@ class Clear:
 
 Operation = Put | Update | Delete | Clear
 
+Cleared = dict[str, int]
+"""What a write's Clears removed: collection -> how many records (empty without a Clear)."""
+
 
 def _always(value: Value) -> bool:
     return True

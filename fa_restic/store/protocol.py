@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Protocol
 
-from fa_restic.store.operations import Collections, Operation, Value
+from fa_restic.store.operations import Cleared, Collections, Operation, Value
 
 
 class Store(Protocol):
@@ -21,8 +21,9 @@ class Store(Protocol):
         collections. Raises StateError when the store cannot be read."""
         ...
 
-    async def write(self, operations: Iterable[Operation]) -> None:
-        """Persists a batch of changes atomically; returns once they are durable.
+    async def write(self, operations: Iterable[Operation]) -> Cleared:
+        """Persists a batch of changes atomically; returns once they are durable, with how
+        many records each Clear of the batch removed (exact: counted as it was applied).
 
         Raises OSError (nothing changed then)."""
         ...

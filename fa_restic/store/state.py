@@ -45,6 +45,7 @@ from fa_restic.store.files import dumps, fsync_folder, make_folders, open_privat
 from fa_restic.store.index import ColdIndex, Fresh, load_indexes, save_indexes
 from fa_restic.store.operations import (
     Clear,
+    Cleared,
     Collections,
     Layout,
     Operation,
@@ -81,6 +82,15 @@ class _Undo:
     key: str
     previous: Value | None = None
     cleared: tuple[Any, ...] | None = None
+
+
+def _size(undo: _Undo) -> int:
+    """Returns how many records the Clear that `undo` takes back removed."""
+    assert undo.cleared is not None
+    if len(undo.cleared) == 1:  # a collection kept whole in memory
+        return len(undo.cleared[0])
+    counts: Counter[str] = undo.cleared[5]  # an indexed one counts every record, cold or not
+    return sum(counts.values())
 
 
 class StateStore:
@@ -434,15 +444,20 @@ class StateStore:
         self._journal_bytes += len(line)
         return len(line)
 
-    async def write(self, operations: Iterable[Operation]) -> None:
-        """Persists a batch of changes atomically; returns once they are on disk (fsync).
+    async def write(self, operations: Iterable[Operation]) -> Cleared:
+        """Persists a batch of changes atomically; returns once they are on disk (fsync),
+        with how many records each Clear removed (in memory and on disk alike).
 
         Raises OSError if they could not be written (nothing changed then).
         """
         batch = list(operations)
         if not batch:
-            return
+            return {}
         undos = self._apply(batch, undo=True)
+        cleared: Cleared = {}
+        for undo in undos:
+            if undo.cleared is not None:
+                cleared[undo.collection] = cleared.get(undo.collection, 0) + _size(undo)
         loop = asyncio.get_running_loop()
         appended = loop.run_in_executor(self._writer, self._append, batch)
         try:
@@ -456,6 +471,7 @@ class StateStore:
             self._take_back(undos)
             raise
         self._maybe_compact()
+        return cleared
 
     def _settle(self, appended: asyncio.Future[int], undos: list[_Undo]) -> None:
         if appended.cancelled() or appended.exception() is not None:

@@ -11,7 +11,18 @@ from collections import Counter
 from collections.abc import Iterable
 
 from fa_restic.jobs.records import LAYOUT
-from fa_restic.store import Clear, Collections, Delete, Layout, Operation, Put, Store, Update, Value
+from fa_restic.store import (
+    Clear,
+    Cleared,
+    Collections,
+    Delete,
+    Layout,
+    Operation,
+    Put,
+    Store,
+    Update,
+    Value,
+)
 
 
 class MemoryStore:
@@ -61,15 +72,17 @@ class MemoryStore:
         records = self.collections.get(collection, {}).values()
         return dict(Counter(self.layout.label_of(value) for value in records))
 
-    async def write(self, operations: Iterable[Operation]) -> None:
+    async def write(self, operations: Iterable[Operation]) -> Cleared:
         batch = list(operations)
         if not batch:
-            return
+            return {}
         if self.closed:  # as StateStore's writer thread, once shut down
             raise RuntimeError("cannot schedule new futures after shutdown")
+        cleared: Cleared = {}
         for operation in batch:
             records = self.collections.setdefault(operation.collection, {})
             if isinstance(operation, Clear):
+                cleared[operation.collection] = cleared.get(operation.collection, 0) + len(records)
                 records.clear()
             elif isinstance(operation, Put):
                 records[operation.key] = copy.deepcopy(operation.value)
@@ -79,6 +92,7 @@ class MemoryStore:
             else:
                 assert isinstance(operation, Delete)
                 records.pop(operation.key, None)
+        return cleared
 
     async def stop(self) -> None:
         self.closed = True

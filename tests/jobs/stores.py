@@ -16,7 +16,7 @@ from typing import Protocol
 
 from fa_restic.cluster.store import DatabaseStore
 from fa_restic.jobs.records import LAYOUT
-from fa_restic.store import Collections, Operation, Put, StateStore, Store, Update, Value
+from fa_restic.store import Cleared, Collections, Operation, Put, StateStore, Store, Update, Value
 from tests.jobs.memory_store import MemoryStore
 
 STORE_KINDS = ("memory", "state", "database")
@@ -82,11 +82,15 @@ class DatabaseBacking:
     url: str
     kind: str = "database"
     made: int = field(default=0)
+    counts_delay: float = 0.01
+    """Short: counts of a test are read at once, not half a second later (a test of what
+    must not rest on the cached counts makes it long)."""
 
     def new(self) -> Store:
         self.made += 1
-        # Short waits: counts of a test are read at once, not half a second later.
-        return DatabaseStore(self.url, layout=LAYOUT, node=f"test-{self.made}", counts_delay=0.01)
+        return DatabaseStore(
+            self.url, layout=LAYOUT, node=f"test-{self.made}", counts_delay=self.counts_delay
+        )
 
     async def read(self, collection: str, key: str | int) -> Value | None:
         return await _read_through(self.new(), collection, key)
@@ -105,14 +109,15 @@ class RecordingStore:
     async def start(self) -> Collections:
         return await self.inner.start()
 
-    async def write(self, operations: Iterable[Operation]) -> None:
+    async def write(self, operations: Iterable[Operation]) -> Cleared:
         batch = list(operations)
         if not batch:
-            return
+            return {}
         if self.holds:
             await self.holds.pop(0).wait()
-        await self.inner.write(batch)
+        cleared = await self.inner.write(batch)
         self.batches.append(batch)
+        return cleared
 
     async def fetch(self, collection: str, key: str) -> Value | None:
         return await self.inner.fetch(collection, key)
