@@ -1,9 +1,9 @@
 """The connection to the cluster's PostgreSQL: a pool, its schema, and what an outage raises.
 
 Every node opens one `Database` from a libpq URL (`postgresql://user@host:5432/name`).
-Connections are checked before they are handed out and replaced when the server went
-away, so the pool recovers by itself once the server is back; until then an operation
-raises `DatabaseUnavailable` after at most `timeout` seconds.
+Connections idle for more than a second are checked before they are handed out and
+replaced when the server went away, so the pool recovers by itself once the server is
+back; until then an operation raises `DatabaseUnavailable` after at most `timeout` seconds.
 
 The schema is the SQL files in `sql/`, `NNN_name.sql`, applied in order by `migrate`.
 """
@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import logging
 import re
+import time
+import weakref
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
@@ -112,6 +114,25 @@ def _dumps(value: Any) -> bytes:
     return orjson.dumps(value)
 
 
+CHECK_AFTER_IDLE_SECONDS = 1.0
+"""A connection idle longer than this is checked (one round trip) before it is handed out."""
+_returned: weakref.WeakKeyDictionary[Connection, float] = weakref.WeakKeyDictionary()
+"""When each connection last went back to the pool."""
+
+
+async def _check_when_idle(connection: Connection) -> None:
+    # A check on every checkout doubled the round trips of a GET (p99 2.75 ms against a bare
+    # handler's 0.57 ms); a connection in steady use is known to be good. One idle longer
+    # (across a server restart) is checked, so the first query after an outage still works.
+    returned = _returned.get(connection)
+    if returned is None or time.monotonic() - returned > CHECK_AFTER_IDLE_SECONDS:
+        await AsyncConnectionPool.check_connection(connection)
+
+
+async def _returning(connection: Connection) -> None:
+    _returned[connection] = time.monotonic()
+
+
 async def _configure(connection: Connection) -> None:
     # orjson, as the state file uses: records are most of what goes over the wire.
     set_json_dumps(_dumps, connection)
@@ -148,7 +169,8 @@ class Database:
             reconnect_timeout=reconnect_timeout,
             # A connection that went stale in the pool (a server restart) is replaced before
             # it is handed out, instead of failing the first query after an outage.
-            check=AsyncConnectionPool.check_connection,
+            check=_check_when_idle,
+            reset=_returning,
             configure=_configure,
             kwargs={"autocommit": True, "connect_timeout": max(2, round(timeout))},
             open=False,

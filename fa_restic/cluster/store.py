@@ -370,7 +370,8 @@ class DatabaseStore:
             try:
                 await self._check_lock()
             except DatabaseUnavailable as error:
-                self._note(str(error))
+                # Without the driver's words `_connect` adds for a start: they name the host.
+                self._note(str(error).split(" (", 1)[0])
             except DatabaseInUse as error:
                 # Writing on would be two nodes running one queue: refuse until the lock
                 # is this node's again.
