@@ -111,7 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", help=f"TOML config file (or ${DEFAULT_CONFIG_ENV})")
     serve.set_defaults(run=_serve)
     rebuild = commands.add_parser(
-        "rebuild-state", help="rebuild the backup records from the repository's tagged snapshots"
+        "rebuild-state",
+        help="rebuild the backup records from the repository's tagged snapshots (in the state "
+        "file, or with [cluster] in the database; every node stopped)",
     )
     rebuild.add_argument("--config", help=f"TOML config file (or ${DEFAULT_CONFIG_ENV})")
     rebuild.set_defaults(run=_rebuild_state)
