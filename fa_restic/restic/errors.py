@@ -56,6 +56,13 @@ GO_CRASH_PREFIXES = ("panic: ", "fatal error: ")
 """A Go panic or fatal runtime error: its reason comes first, then a long stack."""
 RETRYING = "returned error, retrying after"
 """restic's retry layer: `Save(<data/1b29>) returned error, retrying after 552ms: ...`."""
+VANISHED_LOCK = re.compile(
+    r"^Load\(<lock/[0-9a-f]+>[^)]*\) returned error, retrying after .*"
+    r"(no such file or directory|does not exist|not found|404)",
+    re.IGNORECASE,
+)
+"""restic < 0.17 retrying, for some 15 minutes, the read of a lock file another restic
+removed after it was listed (restic#1523, fixed by restic#4520)."""
 RECOVERED = "operation successful after"
 """...and once a retry works: `Save(<data/1b29>) operation successful after 3 retries`."""
 GAVE_UP = re.compile(r"^[A-Z][A-Za-z]*\(<[^>]*>[^)]*\) failed: ")

@@ -18,6 +18,7 @@ from fa_restic.restic.errors import (
     GO_CRASH_PREFIXES,
     RECOVERED,
     RETRYING,
+    VANISHED_LOCK,
     ErrorKind,
     ResticError,
     classify,
@@ -70,7 +71,13 @@ class StderrWatcher:
         if self._finish_grace is not None and self._final_line is None and is_final_line(line):
             self._final_line = line
             self._final_timer = self._later(self._finish_grace, self._gave_up)
-        if self._backend_wait > 0 and RETRYING in line:
+        if VANISHED_LOCK.match(line):
+            # Not an outage: the lock is gone for good. Run again, restic lists the locks
+            # anew (LOCKED is retried by the job layer).
+            log.info("restic stopped: it keeps reading a lock file that was removed")
+            message = "a lock file was removed while restic read it; trying again"
+            self._stop(ResticError(ErrorKind.LOCKED, message, None))
+        elif self._backend_wait > 0 and RETRYING in line:
             self._retrying_line = line
             if self._backend_timer is None:
                 self._backend_timer = self._later(self._backend_wait, self._backend_down)

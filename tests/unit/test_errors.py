@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from fa_restic.restic.errors import MESSAGE_LIMIT, ErrorKind, classify, clean_line
+from fa_restic.restic.watch import StderrWatcher
 from tests.unit.samples import load
 
 
@@ -224,3 +227,39 @@ def test_clean_line_strips_escapes_joins_lines_and_caps_length() -> None:
     long = clean_line("x" * 1000)
     assert len(long) == MESSAGE_LIMIT and long.endswith("…")
     assert len(classify(1, ["Fatal: " + "y" * 5000]).message) == MESSAGE_LIMIT
+
+
+# restic 0.14 reading a lock another restic removed after it listed the locks (restic#1523):
+# it retries for some 15 minutes. The lines as 0.14 prints them, for a local and an S3 repo.
+VANISHED_LOCAL = (
+    "Load(<lock/20e347e327>, 0, 0) returned error, retrying after 552.330144ms: open "
+    "/srv/repo/locks/20e347e327aa: no such file or directory"
+)
+VANISHED_S3 = (
+    "Load(<lock/20e347e327>, 0, 0) returned error, retrying after 1.080381816s: "
+    "The specified key does not exist."
+)
+DATA_RETRY = (
+    "Load(<data/1b29aa0c3e>, 0, 0) returned error, retrying after 552.330144ms: connection refused"
+)
+
+
+@pytest.mark.parametrize("line", [VANISHED_LOCAL, VANISHED_S3])
+async def test_a_vanished_lock_stops_restic_at_once_to_be_run_again(line: str) -> None:
+    watcher = StderrWatcher(None, backend_wait=120.0, forward=None)
+    run = asyncio.get_running_loop().create_future()
+    watcher.watch(run)
+    watcher(line)
+    assert run.cancelled(), "restic < 0.17 would retry the lock file for 15 minutes"
+    assert watcher.reason is not None and watcher.reason.kind is ErrorKind.LOCKED
+    assert watcher.reason.kind.is_transient
+    watcher.close()
+
+
+async def test_a_retried_data_file_is_waited_for_as_an_outage() -> None:
+    watcher = StderrWatcher(None, backend_wait=120.0, forward=None)
+    run = asyncio.get_running_loop().create_future()
+    watcher.watch(run)
+    watcher(DATA_RETRY)
+    assert not run.done() and watcher.reason is None  # the backend gets its wait
+    watcher.close()
