@@ -14,7 +14,17 @@ from typing import Any
 
 from fa_restic.jobs.models import BackupRecord, ForgetRecord, JobRecord, RestoreRecord, rfc3339
 from fa_restic.names import JobKind, JobStatus
-from fa_restic.store import Clear, Collections, Delete, Layout, Operation, Put, Store, Update
+from fa_restic.store import (
+    Clear,
+    Cleared,
+    Collections,
+    Delete,
+    Layout,
+    Operation,
+    Put,
+    Store,
+    Update,
+)
 
 BACKUPS = "backup"
 RESTORES = "restore"
@@ -204,11 +214,13 @@ class Records:
         self._sequence += 1
         return self._sequence
 
-    async def write(self, operations: Iterable[Operation]) -> None:
-        """Persists changes; raises OSError if they could not be written."""
+    async def write(self, operations: Iterable[Operation]) -> Cleared:
+        """Persists changes; returns how many records each Clear removed (Store.write).
+        Raises OSError if they could not be written."""
         batch = list(operations)
-        await self.store.write(batch)
+        cleared = await self.store.write(batch)
         self._retire(batch)
+        return cleared
 
     async def save(self, record: JobRecord, *more: Operation) -> None:
         """Persists a record whole, with other changes in the same batch."""

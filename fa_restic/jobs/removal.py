@@ -86,11 +86,8 @@ class Removal:
         clear = self.records.clear(JobKind.BACKUP)
         self.repository.state = RepositoryState.DESTROYED
         # The store counts what its Clear removed: exact, where counts() of a database may
-        # be a moment old. (Records.write would retire live records the batch finished:
-        # this batch finishes none, and its Clear dropped them already.)
-        cleared = await self.records.store.write(
-            [clear, *self.upkeep.clear(), self.repository.op()]
-        )
+        # be a moment old.
+        cleared = await self.records.write([clear, *self.upkeep.clear(), self.repository.op()])
         dropped = cleared.get(JobKind.BACKUP, 0)
         log.warning(
             "repository destroyed by %s: %s; %d backup records dropped",
