@@ -12,7 +12,7 @@ from fa_restic.jobs.records import Records, cancelled_in_queue_fields, key_of, u
 from fa_restic.jobs.scheduler import Scheduler
 from fa_restic.metrics import Metrics
 from fa_restic.names import JobStatus
-from fa_restic.store import Operation
+from fa_restic.store import Cleared, Operation
 
 CANCEL_CHUNK = 250
 """Jobs a cancel-all changes per step (~15 µs each on the 2-core VM): it gives the event
@@ -58,7 +58,7 @@ class Canceller:
             cancelled: list[int] = []
             started: list[JobRecord] = []
             gathered: list[Operation] = []
-            writing: asyncio.Task[None] | None = None
+            writing: asyncio.Task[Cleared] | None = None
             for start in range(0, len(active), CANCEL_CHUNK):
                 chunk = active[start : start + CANCEL_CHUNK]
                 gathered += self._cancel_queued(chunk, by)
