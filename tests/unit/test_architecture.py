@@ -16,7 +16,7 @@ SERVICE_LINES_LIMIT = 250
 
 
 def _definitions() -> list[tuple[str, ast.AST, int]]:
-    found = []
+    found: list[tuple[str, ast.AST, int]] = []
     for path in sorted(PACKAGE.rglob("*.py")):
         tree = ast.parse(path.read_text(encoding="utf-8"))
         for node in ast.walk(tree):

@@ -206,6 +206,7 @@ async def test_the_cache_reads_a_tree_once_even_for_concurrent_callers() -> None
     assert trees[0] is trees[1] is trees[2]
     assert await cache.tree(snapshot_id) is trees[0]
     assert len(restic.calls_of("ls")) == 1
+    assert trees[0] is not None
     assert cache.bytes == trees[0].bytes > 0
 
 

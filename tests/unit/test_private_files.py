@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 
 from fa_restic.config import ensure_password_file
-from fa_restic.store import StateStore
-from fa_restic.store.state import Put
+from fa_restic.store import Put, StateStore
 
 
 def _mode(path: Path) -> int:

@@ -116,7 +116,7 @@ def test_an_index_that_is_not_the_files_is_rebuilt_from_the_lines(path: Path, da
 
 def test_a_version_1_state_file_is_read_and_rewritten(path: Path) -> None:
     path.parent.mkdir(parents=True)
-    document = {
+    document: dict[str, Any] = {
         "format": "fa-restic-state",
         "version": 1,
         "collections": {
