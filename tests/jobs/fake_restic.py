@@ -300,7 +300,7 @@ class FakeRestic:
         include: Sequence[str] = (),
         overwrite: str | None = None,
     ) -> RestoreResult:
-        options = {"include": tuple(include), "overwrite": overwrite}
+        options: dict[str, object] = {"include": tuple(include), "overwrite": overwrite}
         self._begin(Call("restore", (snapshot_id, target), options=options))
         self.running.add("restore")
         try:

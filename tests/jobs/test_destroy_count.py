@@ -1,3 +1,5 @@
+# mypy: disable-error-code="comparison-overlap,unreachable"
+# (a record's status changes across awaits, by the event loop: mypy's narrowing cannot know)
 """destroy-repo's `backup_records_dropped` is the number of records its Clear removed, on
 every store: not the store's counts(), which a database reads in the background and may
 be a moment (here: an hour) old."""
