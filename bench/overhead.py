@@ -230,18 +230,19 @@ def main() -> int:
             sides = ("service", "raw") if trial % 2 == 1 else ("raw", "service")
             for side in sides:
                 if side == "service":
-                    backup, restore, code = service_trial(
+                    backed_up, restored, code = service_trial(
                         folder / f"service-{trial}", data_root, binary, trial
                     )
                     exits.append(code)
                 else:
-                    backup, restore = raw_trial(folder / f"raw-{trial}", source, binary, trial)
-                results[f"{side}_backup"].append(backup)
-                results[f"{side}_restore"].append(restore)
+                    backed_up, restored = raw_trial(folder / f"raw-{trial}", source, binary, trial)
+                results[f"{side}_backup"].append(backed_up)
+                results[f"{side}_restore"].append(restored)
                 log(
-                    f"trial {trial} {side}: backup {backup.seconds:.2f} s "
-                    f"(restic cpu {backup.restic_cpu:.2f} s, own cpu {backup.own_cpu:.2f} s), "
-                    f"restore {restore.seconds:.2f} s"
+                    f"trial {trial} {side}: backup {backed_up.seconds:.2f} s "
+                    f"(restic cpu {backed_up.restic_cpu:.2f} s, "
+                    f"own cpu {backed_up.own_cpu:.2f} s), "
+                    f"restore {restored.seconds:.2f} s"
                 )
 
     backup = summary("backup", results["service_backup"], results["raw_backup"])
