@@ -260,7 +260,7 @@ class S3Server:
 @pytest.fixture
 def s3_server(tmp_path: Path) -> Iterator[S3Server]:
     """moto's S3 server as a subprocess on 127.0.0.1, with one empty bucket."""
-    import boto3
+    import boto3  # type: ignore[import-untyped]  # no stubs in the dev dependencies
 
     port = free_port()
     log = tmp_path / "moto.log"

@@ -175,8 +175,10 @@ async def test_cancel_all_of_twenty_thousand_never_holds_the_loop(
     # At least one turn per step of CANCEL_CHUNK jobs: the loop is never held for more
     # than one step's work (~250 jobs, a few milliseconds).
     assert during >= count // CANCEL_CHUNK, during
-    await asyncio.to_thread(service.store.close)
-    again = StateStore(service.store.path, LAYOUT)
+    store = service.store
+    assert isinstance(store, StateStore)
+    await asyncio.to_thread(store.close)
+    again = StateStore(store.path, LAYOUT)
     reloaded = await asyncio.to_thread(again.load)
     try:
         assert reloaded.get("backup", {}) == {}, "no live record left"

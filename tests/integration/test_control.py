@@ -24,7 +24,8 @@ def big_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def service_of(api: Api) -> JobService:
-    return api.client.app[SERVICE_KEY]
+    service: JobService = api.client.app[SERVICE_KEY]
+    return service
 
 
 def link_big(api: Api, big_tree: Path, user: str = "alice", name: str = "big") -> str:

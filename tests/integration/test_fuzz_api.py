@@ -31,7 +31,7 @@ import pytest
 import requests
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, seed, settings
-from schemathesis import Case, GenerationMode, Response
+from schemathesis import APIOperation, Case, GenerationMode, Response
 from schemathesis.checks import (
     content_type_conformance,
     negative_data_rejection,
@@ -39,8 +39,9 @@ from schemathesis.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
+from schemathesis.core.result import Ok
 
-from fa_restic.api.views import MAX_ID
+from fa_restic.names import MAX_ID
 from tests.conftest import Api
 from tests.helpers import API, auth, free_port, make_home, make_small_tree, write_config
 
@@ -49,6 +50,7 @@ MAX_EXAMPLES = 20
 TIME_BUDGET_SECONDS = 60.0
 RAW_ROUTES = {"/metrics", f"{API}/openapi.json"}  # not the envelope on success
 ENVELOPE_KEYS = {"code", "message", "data"}
+AnyCase = Case[APIOperation[Any, Any, Any, Any]]
 CHECKS = [
     not_a_server_error,
     status_code_conformance,
@@ -117,7 +119,7 @@ class Findings:
     trace: list[str] = field(default_factory=list)
 
 
-def _envelope_checks(case: Case, response: Response) -> None:
+def _envelope_checks(case: AnyCase, response: Response) -> None:
     """Our own contract on top of the schema: SPEC §5's envelope, and never a traceback."""
     assert response.status_code < 500, "server error"
     assert "Traceback" not in response.text, "a traceback in the body"
@@ -193,7 +195,7 @@ def _runner(
         suppress_health_check=list(HealthCheck),
     )
     @given(case=strategy)
-    def run(case: Case) -> None:
+    def run(case: AnyCase) -> None:
         findings.cases += 1
         findings.trace.append(case.as_curl_command(headers=headers, base_url="http://service"))
         try:
@@ -223,7 +225,10 @@ def _runner(
 def test_schemathesis_finds_no_server_error_and_only_envelopes(service: Service) -> None:
     document = requests.get(f"{service.base_url}{API}/openapi.json", timeout=10).json()
     schema = schemathesis.openapi.from_dict(document)
-    operations = [result.ok() for result in schema.get_all_operations()]
+    operations = []
+    for result in schema.get_all_operations():
+        assert isinstance(result, Ok), f"schemathesis could not load an operation: {result.err()}"
+        operations.append(result.ok())
     assert len(operations) == len([1 for item in document["paths"].values() for method in item]), (
         "schemathesis did not load every operation"
     )

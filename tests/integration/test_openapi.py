@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import jsonschema
+import jsonschema  # type: ignore[import-untyped]  # no stubs in the dev dependencies
 import pytest
 from openapi_spec_validator import validate
 from openapi_spec_validator.versions.shortcuts import get_spec_version

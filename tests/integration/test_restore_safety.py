@@ -29,6 +29,7 @@ import pytest
 from fa_restic.api.app import SERVICE_KEY
 from fa_restic.jobs import staging
 from fa_restic.jobs.staging import StagingError, make_staging, merge_and_remove, merge_into
+from fa_restic.names import STAGING_FOLDER
 from tests.conftest import Api
 from tests.helpers import (
     assert_same_tree,
@@ -65,7 +66,7 @@ async def api(make_api: Any, restic_binary: str, restore_path: str) -> Api:
 
 
 def staging_left(api: Api) -> list[str]:
-    folder = api.data_root / staging.STAGING_FOLDER
+    folder = api.data_root / STAGING_FOLDER
     return sorted(os.listdir(folder)) if folder.exists() else []
 
 
@@ -235,7 +236,7 @@ async def test_cancelled_restore_keeps_partial_files_and_no_staging(api: Api) ->
 
     async def staged_or_done() -> bool:
         running = (await api.job("restore", 1))["data"]["status"] == "running"
-        staged = any((api.data_root / staging.STAGING_FOLDER).rglob("*.bin"))
+        staged = any((api.data_root / STAGING_FOLDER).rglob("*.bin"))
         return staged or any((home / "out").rglob("*.bin")) or not running
 
     await eventually(staged_or_done, bool, timeout=30, interval=0.02)
@@ -272,7 +273,7 @@ def layout(tmp_path: Path) -> Iterator[dict[str, Path]]:
 
 
 def test_staging_folder_is_private_and_outside_the_homes(layout: dict[str, Path]) -> None:
-    root = layout["data"] / staging.STAGING_FOLDER
+    root = layout["data"] / STAGING_FOLDER
     assert layout["staged"].parent == root
     assert stat.S_IMODE(root.stat().st_mode) == 0o700
     assert root.stat().st_uid == os.geteuid()
@@ -408,7 +409,7 @@ def test_leftover_staging_of_a_killed_service_is_swept(layout: dict[str, Path]) 
     data = layout["data"]
     running = make_staging(data, 8)
     staging.sweep_staging(data, active={8})
-    assert sorted(os.listdir(data / staging.STAGING_FOLDER)) == [running.name]
+    assert sorted(os.listdir(data / STAGING_FOLDER)) == [running.name]
 
 
 _AS_NOBODY = """
@@ -452,6 +453,6 @@ def test_a_service_that_is_not_root_moves_read_only_folders(tmp_path: Path) -> N
             assert stat.S_IMODE((dst / folder / f"g{folder[-1]}").stat().st_mode) == 0, folder
         assert sorted(os.listdir(dst / "d")) == ["deep", "g1", "g2"]
         assert sorted(os.listdir(dst / "d" / "deep")) == ["f1", "f2"]
-        assert os.listdir(data / staging.STAGING_FOLDER) == []
+        assert os.listdir(data / STAGING_FOLDER) == []
     finally:
         shutil.rmtree(data)

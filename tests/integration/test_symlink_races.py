@@ -24,6 +24,7 @@ from fa_restic.restic.client import Restic, read_version
 from fa_restic.restic.commands import Binary, Repository
 from fa_restic.restic.errors import ResticError
 from fa_restic.restic.sandbox import EXIT_REFUSED, Confinement
+from tests.conftest import Api
 from tests.helpers import make_random_tree, run_restic
 
 SECRET = "alice-secret.txt"
@@ -88,7 +89,7 @@ def assert_nothing_from_outside(api: Any, data: dict[str, Any], home: Path) -> N
     assert data["path"].startswith(str(home)), data
 
 
-def make_victims(api: Any) -> Path:
+def make_victims(api: Api) -> Path:
     alice = api.home("alice")
     (alice / SECRET).write_text("alice's secret\n", encoding="utf-8")
     return alice
