@@ -15,7 +15,7 @@ from fa_restic.cluster import records as cluster_records
 from fa_restic.cluster.database import Database
 from fa_restic.cluster.records import DatabaseRecords
 from fa_restic.jobs import records as job_records
-from fa_restic.store import Clear, Delete, Put, StateStore, Update
+from fa_restic.store import Clear, Delete, Operation, Put, StateStore, Update
 
 STATUSES = ("pending", "running", "success", "failed", "cancel")
 USERS = ("alice", "bob", "carol")
@@ -149,7 +149,7 @@ async def test_pages_and_counts_are_those_of_the_state_store(
     state = StateStore(tmp_path / "state.json", job_records.LAYOUT)
     state.load()
     try:
-        operations = [
+        operations: list[Operation] = [
             Put(
                 kind,
                 str(number),
