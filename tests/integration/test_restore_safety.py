@@ -324,6 +324,7 @@ def test_merge_under_a_racing_user_never_writes_outside(layout: dict[str, Path])
         (staged / "d" / f"f{index}").write_bytes(b"%d\n" % index)
     (home / "dst" / "d").mkdir(parents=True)
     stop = threading.Event()
+    swapping = threading.Event()
     swaps = 0
 
     def swap() -> None:
@@ -333,6 +334,7 @@ def test_merge_under_a_racing_user_never_writes_outside(layout: dict[str, Path])
                 os.rename(home / "dst" / "d", home / "dst" / f"moved{swaps}")
                 os.symlink(outside, home / "dst" / "d")
                 swaps += 1
+                swapping.set()
                 time.sleep(0.0002)
                 os.unlink(home / "dst" / "d")
             except OSError:
@@ -340,6 +342,9 @@ def test_merge_under_a_racing_user_never_writes_outside(layout: dict[str, Path])
 
     racer = threading.Thread(target=swap)
     racer.start()
+    # The merge starts once the user's loop runs (under CI's load, 3,000 files were merged
+    # once before the loop's thread had its first turn, and nothing was raced).
+    assert swapping.wait(30), "the racing loop never ran"
     try:
         with contextlib.suppress(StagingError):  # entries that kept changing are reported
             merge_into(staged, home, home / "dst")
