@@ -79,6 +79,8 @@ def shown(path: str) -> str:
 def clean_path(given: str) -> str:
     """Returns a path in a backup as the cache keys it: no leading, trailing or doubled `/`,
     no `.` parts (`""` is the top). Raises NotInBackup for a `..` part."""
+    if "\x00" in given:  # no entry has one; and restic's argv cannot carry it
+        raise NotInBackup("a path in a backup may not contain a NUL character")
     parts = [part for part in given.split("/") if part not in ("", ".")]
     if ".." in parts:
         raise NotInBackup("a path in a backup may not contain '..'")

@@ -186,6 +186,12 @@ def test_clean_path_refuses_dot_dot() -> None:
         clean_path("sub/../../etc")
 
 
+def test_clean_path_refuses_a_nul() -> None:
+    """`?path=a%00b` must be a 400, not a failed exec of `restic ls` (a 500)."""
+    with pytest.raises(NotInBackup, match="NUL"):
+        clean_path("sub/a\x00b")
+
+
 def fake_with_trees(count: int) -> FakeRestic:
     restic = FakeRestic()
     for index in range(count):
