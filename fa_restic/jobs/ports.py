@@ -7,9 +7,11 @@ that scheduling, cancel races and recovery are tested in milliseconds.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from fa_restic.restic.client import BackupResult, RestoreResult
 from fa_restic.restic.features import Feature, ResticVersion
@@ -109,3 +111,124 @@ class ResticRunner(Protocol):
     async def remove_stale_locks(self) -> None:
         """A bounded `unlock` that never raises (clean-up after a failure)."""
         ...
+
+
+ClusterJob = tuple[str, int, dict[str, Any]]
+"""(kind, id, record) of a job as the cluster's database holds it."""
+
+
+class Coordination(Protocol):
+    """What a node of a cluster (SPEC §10) asks of the database the nodes share.
+
+    `fa_restic.cluster.coordination.DatabaseCoordination` is the real one. Every method
+    raises OSError (the store's StoreUnavailable) when the database cannot be reached.
+    Jobs are (kind, id): kind "backup" or "restore".
+    """
+
+    @property
+    def node(self) -> str:
+        """This node's name (unique in the cluster)."""
+        ...
+
+    async def next_sequence(self) -> int:
+        """Returns the next queue position, increasing across every node."""
+        ...
+
+    async def admit(
+        self, kind: str, job_id: int, user: str, value: dict[str, Any], reusable: Collection[str]
+    ) -> bool:
+        """Writes a new pending job record, or replaces the one of that id if it is `user`'s
+        and its status is in `reusable`; returns False, changing nothing, otherwise. Of
+        nodes admitting one id at once exactly one gets True. Committed when it returns."""
+        ...
+
+    async def pending_of(self, user: str) -> int:
+        """Returns how many jobs of `user` wait to be claimed (backups and restores)."""
+        ...
+
+    async def claim(self, slots: int) -> list[ClusterJob]:
+        """Takes up to `slots` pending jobs for this node, fairly between users, and returns
+        them as now running on it (status running, started_at now, one more attempt).
+        Returns [] while any node holds `exclusive`."""
+        ...
+
+    async def cancel_pending(
+        self,
+        kind: str,
+        fields: dict[str, Any],
+        *,
+        job_id: int | None = None,
+        user: str | None = None,
+    ) -> list[int]:
+        """Merges `fields` into the pending (unclaimed) jobs of `kind`: the one `job_id`,
+        else those of `user`, else all; returns the ids changed, ascending."""
+        ...
+
+    async def request_cancel(
+        self, kind: str, by: str, *, job_id: int | None = None, user: str | None = None
+    ) -> list[int]:
+        """Asks the nodes running jobs of `kind` (the one `job_id`, else `user`'s, else all)
+        to cancel them on behalf of `by`; jobs running on this node are left out. Returns the
+        ids asked for, ascending."""
+        ...
+
+    async def cancel_requests(self) -> list[tuple[str, int, str]]:
+        """Returns (kind, id, by) of the jobs running on this node that someone asked to
+        cancel."""
+        ...
+
+    async def share_progress(self, progress: Mapping[tuple[str, int], dict[str, Any]]) -> None:
+        """Publishes the live progress of jobs running on this node (read back as the
+        record's "progress" by other nodes)."""
+        ...
+
+    async def beat(self) -> None:
+        """Renews this node's lease."""
+        ...
+
+    async def requeue_dead(self, max_attempts: int) -> list[ClusterJob]:
+        """Puts the running jobs of nodes whose lease expired back to pending (backups
+        unsettled), fails them after `max_attempts`, or cancels those someone asked to
+        cancel; returns them as changed."""
+        ...
+
+    async def release(
+        self, running: Collection[tuple[str, int]], max_attempts: int
+    ) -> list[ClusterJob]:
+        """As `requeue_dead`, for the jobs the database says run on this node but that are
+        not among `running` (this node restarted, or lost its lease meanwhile)."""
+        ...
+
+    async def nodes(self) -> list[NodeLease]:
+        """Returns every node that has a lease, alive or not, by name."""
+        ...
+
+    async def pending_exists(self) -> bool:
+        """True when any job waits to be claimed."""
+        ...
+
+    async def running_anywhere(self) -> int:
+        """Returns how many jobs run on nodes whose lease has not expired."""
+        ...
+
+    def exclusive(self) -> AbstractAsyncContextManager[None]:
+        """Holds the cluster's exclusive lock while inside: one node at a time, and no node
+        claims a job meanwhile (jobs that already run go on: the caller waits for
+        `running_anywhere` to be 0). Waits for the lock while another node holds it."""
+        ...
+
+    async def shared(self) -> dict[str, dict[str, dict[str, Any]]]:
+        """Returns the small collections every node shares: "forget" and "meta"."""
+        ...
+
+
+@dataclass(frozen=True)
+class NodeLease:
+    """A node as the cluster's database knows it."""
+
+    name: str
+    alive: bool
+    lease_age: float
+    """Seconds since its last heartbeat."""
+    running: int
+    """Jobs running on it."""
