@@ -96,8 +96,9 @@ NODE_NAME_REGEX = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
 
 
 class ClusterSettings(_Section):
-    """`[cluster]`: the records in PostgreSQL (SPEC §10). Present: `paths.state_file` is not
-    used. Several nodes on one database are not supported yet: a second one refuses to start."""
+    """`[cluster]`: several nodes share one PostgreSQL database and one repository (SPEC §10).
+    Present: `paths.state_file` is not used. `node_name` is unique per node; a node silent
+    for `lease_seconds` is dead, and the others run its jobs again."""
 
     database_url: SecretStr = SecretStr("")
     """A libpq URL or keyword string; a secret (its password): never logged or shown."""

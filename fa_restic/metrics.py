@@ -1,5 +1,5 @@
-"""Prometheus metrics (prometheus-client). Labels carry kinds and statuses only:
-never a user name, a path or an id."""
+"""Prometheus metrics (prometheus-client). Labels carry kinds, statuses and a cluster's
+node names only: never a user name, a path or an id."""
 
 from __future__ import annotations
 
@@ -120,6 +120,30 @@ class Metrics:
             ["kind"],
             registry=self.registry,
         )
+        self._node_running: Gauge | None = None
+        self._lease_age: Gauge | None = None
+        """Made by the first `nodes`: a single node shows no cluster."""
+
+    def nodes(self, leases: dict[str, tuple[int, float]]) -> None:
+        """Shows the cluster's live nodes (SPEC §10): name -> (jobs running, lease age)."""
+        if self._node_running is None or self._lease_age is None:
+            self._node_running = Gauge(
+                "fa_restic_node_running_jobs",
+                "Jobs running on each live node of the cluster.",
+                ["node"],
+                registry=self.registry,
+            )
+            self._lease_age = Gauge(
+                "fa_restic_node_lease_age_seconds",
+                "Seconds since each live node of the cluster last renewed its lease.",
+                ["node"],
+                registry=self.registry,
+            )
+        self._node_running.clear()
+        self._lease_age.clear()
+        for name, (running, age) in leases.items():
+            self._node_running.labels(name).set(running)
+            self._lease_age.labels(name).set(age)
 
     def bind(self, read: Callable[[], JobCounts]) -> None:
         """Lets the scrape read the job layer's counts."""

@@ -56,6 +56,7 @@ def _store(settings: Settings) -> Store:
         settings.cluster.database_url.get_secret_value(),
         layout=LAYOUT,
         node=settings.cluster.node_name,
+        lease_seconds=settings.cluster.lease_seconds,
     )
 
 
@@ -73,8 +74,10 @@ async def _build(settings: Settings, store: Store, collections: Collections) -> 
         data_root=settings.paths.data_root,
         confine_backups=confined,
         browse_cache_bytes=settings.restic.browse_cache_bytes,
+        lease_seconds=settings.cluster.lease_seconds if settings.cluster else 30.0,
     )
-    service = JobService(options, store, restic, Metrics(str(restic.version)))
+    coordination = getattr(store, "coordination", None)  # a cluster's database (SPEC §10)
+    service = JobService(options, store, restic, Metrics(str(restic.version)), coordination)
     service.load(collections)
     # The records loaded live as long as the service: out of the garbage collector's way, so
     # that its full passes (every few hundred thousand allocations) do not walk them all.

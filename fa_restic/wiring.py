@@ -43,6 +43,10 @@ def absolute_binary(name: str) -> str:
     return os.path.abspath(shutil.which(name) or name)
 
 
+CLUSTER_HOST = "fa-restic-cluster"
+"""The host name of a cluster's snapshots (SPEC §10): one for every node."""
+
+
 async def make_restic(settings: Settings) -> Restic:
     """Returns a Restic for the configured binary and repository; raises ResticError
     when restic is missing or older than 0.14."""
@@ -59,6 +63,7 @@ async def make_restic(settings: Settings) -> Restic:
         progress_fps=settings.restic.progress_fps,
         grace_seconds=settings.jobs.cancel_grace_seconds,
         backend_wait_seconds=settings.jobs.lock_wait_seconds,
+        host=None if settings.cluster is None else CLUSTER_HOST,
     )
 
 

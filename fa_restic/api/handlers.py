@@ -181,6 +181,8 @@ class Handlers:
         if health.node is not None:  # records in the cluster's database (SPEC §10)
             data["node"] = health.node
             data["database"] = health.database
+        if health.nodes_alive is not None:
+            data["nodes_alive"] = health.nodes_alive
         return success(data)
 
     async def metrics(self, request: web.Request) -> web.Response:

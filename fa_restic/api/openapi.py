@@ -158,8 +158,21 @@ SCHEMAS: dict[str, Any] = {
         "properties": {
             "restic_version": {"type": "string"},
             "repository": {"type": "string", "description": '"ok", or why it is not'},
-            "pending": {"type": "integer", "minimum": 0},
-            "running": {"type": "integer", "minimum": 0},
+            "pending": {
+                "type": "integer",
+                "minimum": 0,
+                "description": "jobs waiting for a slot (with [cluster]: on any node)",
+            },
+            "running": {
+                "type": "integer",
+                "minimum": 0,
+                "description": "jobs running (with [cluster]: on this node)",
+            },
+            "nodes_alive": {
+                "type": "integer",
+                "minimum": 0,
+                "description": "nodes whose lease is current; only with [cluster]",
+            },
             "node": {
                 "type": "string",
                 "description": "this node's name; only with [cluster] (records in PostgreSQL)",

@@ -21,7 +21,7 @@ from fa_restic.jobs.direct import (
 )
 from fa_restic.jobs.models import BackupRecord, JobRecord, Progress, RestoreRecord
 from fa_restic.jobs.ports import ResticRunner
-from fa_restic.jobs.records import JobKey, Records
+from fa_restic.jobs.records import JobKey, Records, key_of
 from fa_restic.jobs.restore import make_folder, run_restore
 from fa_restic.jobs.retry import retry_transient
 from fa_restic.jobs.staging import staged_restore
@@ -103,6 +103,7 @@ class Execution:
         settings: Settings,
         before_backup: Callable[[], Awaitable[None]],
         after_cancel: Callable[[], Operation],
+        settle_claimed: Callable[[BackupRecord], Awaitable[bool]] | None = None,
     ) -> None:
         self.records = records
         self.restic = restic
@@ -110,20 +111,33 @@ class Execution:
         self.settings = settings
         self.before_backup = before_backup
         self.after_cancel = after_cancel
+        self.settle_claimed = settle_claimed
         self.progress: dict[JobKey, Progress] = {}
         self.stops: dict[JobKey, Stop] = {}
+        self.claimed: set[JobKey] = set()
+        """Jobs a cluster's claim made running on this node, to be run as they are."""
 
     async def run(self, key: JobKey) -> None:
-        """Runs a pending job to its end; a cancel of this task ends it as `stops` says."""
+        """Runs a pending (or claimed) job to its end; a cancel of this task ends it as
+        `stops` says."""
+        claimed = key in self.claimed
+        self.claimed.discard(key)
         record = await self.records.get(key)
-        if record is None or record.status is not JobStatus.PENDING:
+        if record is None:
             return
-        record.move_to(JobStatus.RUNNING, extra="")
-        record.attempts += 1
+        if claimed and record.status is JobStatus.RUNNING:
+            pass  # the claim made it running and counted the attempt
+        elif record.status is JobStatus.PENDING:
+            record.move_to(JobStatus.RUNNING, extra="")
+            record.attempts += 1
+        else:
+            return
         record.total_size = record.pack_size = record.file_count = 0
         self.progress[key] = Progress()
         started = time.monotonic()
         try:
+            if claimed and await self._adopted(record):
+                return
             await self.records.save(record)
             log.info("%s %d: started (attempt %d)", *key, record.attempts)
             if isinstance(record, BackupRecord):
@@ -144,11 +158,24 @@ class Execution:
             record.snapshot_id = result.snapshot_id
         await to_the_end(self.end(key, record, JobStatus.SUCCESS, result.extra))
 
+    async def _adopted(self, record: JobRecord) -> bool:
+        """Settles a claimed backup cut short on a node that died; returns True when the
+        snapshot that attempt made was adopted (the job is `success` then)."""
+        if not isinstance(record, BackupRecord) or not record.unsettled:
+            return False
+        if self.settle_claimed is None or not await self.settle_claimed(record):
+            return False
+        self.progress.pop(key_of(record), None)
+        return True
+
     def progress_of(self, key: JobKey, record: JobRecord) -> Progress:
-        """Returns live progress of a running job, or what its status implies."""
+        """Returns live progress of a running job (in a cluster: as the node running it
+        last published it), or what its status implies."""
         live = self.progress.get(key)
         if live is not None:
             return live
+        if record.status is JobStatus.RUNNING and record.progress is not None:
+            return record.progress
         if record.status is JobStatus.SUCCESS:
             return Progress(
                 percent_done=1.0,

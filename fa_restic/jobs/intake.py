@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from fa_restic.jobs.browse import Browser, NotInBackup, clean_path, shown
 from fa_restic.jobs.errors import JobConflict, UnknownJob
 from fa_restic.jobs.models import BackupRecord, JobRecord, RestoreRecord, utc_now
-from fa_restic.jobs.records import Records, key_of
+from fa_restic.jobs.ports import Coordination
+from fa_restic.jobs.records import Records, key_of, put
 from fa_restic.jobs.scheduler import Scheduler
 from fa_restic.names import JobStatus, Overwrite
 
 log = logging.getLogger("fa_restic.jobs")
+
+REUSABLE_BACKUP_ID = frozenset({JobStatus.FAILED, JobStatus.CANCEL})
+"""A backup id of the caller's may be used again once its backup failed or was cancelled."""
+REUSABLE_RESTORE_ID = frozenset({JobStatus.SUCCESS, JobStatus.FAILED, JobStatus.CANCEL})
+"""A restore id of the caller's may be used again once its restore ended."""
 
 
 @dataclass(frozen=True)
@@ -35,12 +41,18 @@ class Intake:
         scheduler: Scheduler,
         max_pending_per_user: int,
         browser: Browser | None = None,
+        coordination: Coordination | None = None,
+        queued: Callable[[], None] = lambda: None,
     ) -> None:
+        """`coordination`: a cluster's (SPEC §10), where a job is queued in the database
+        the nodes share and `queued` is told (this node then claims sooner)."""
         self.records = records
         self.scheduler = scheduler
         self.max_pending_per_user = max_pending_per_user
         self.browser = browser
         """Checks a selective restore's entries against the backup's tree."""
+        self.coordination = coordination
+        self.queued = queued
         self._writing: dict[str, int] = {}
         """Per user, jobs accepted but not yet queued (their record is being written)."""
 
@@ -52,24 +64,24 @@ class Intake:
         `exclude`: restic patterns relative to `path` (checked by the API's request model).
         """
         # Records.get looks at the live records after its read of the store, and from here
-        # to the record's place among them (Records.add) nothing awaits: of racing POSTs of
-        # one id, one is accepted.
+        # to the record's place among them (Records.add) nothing awaits on a single node: of
+        # racing POSTs of one id, one is accepted. In a cluster the database decides (admit).
         existing = await self.records.backup(backup_id)
         if existing is not None:
             if existing.user != caller.user:  # ids are global; say nothing of another's job
                 raise JobConflict(f"backup id {backup_id} is in use")
             if existing.status.is_active or existing.status is JobStatus.SUCCESS:
                 raise JobConflict(f"backup id {backup_id} is in use ({existing.status})")
-        self._refuse_too_many(caller)
+        await self._refuse_too_many(caller)
         record = BackupRecord(
             id=backup_id,
             user=caller.user,
             path=str(path),
             exclude=list(exclude),
             created_at=utc_now(),
-            sequence=self.records.next_sequence(),
+            sequence=await self._next_sequence(),
         )
-        await self._accept(record)
+        await self._accept(record, REUSABLE_BACKUP_ID)
         log.info("backup %d: accepted from %s for %s", backup_id, caller.user, path)
         return record
 
@@ -98,7 +110,7 @@ class Intake:
                 raise JobConflict(f"restore id {restore_id} is in use")
             if existing.status.is_active:
                 raise JobConflict(f"restore id {restore_id} is in use ({existing.status})")
-        self._refuse_too_many(caller)
+        await self._refuse_too_many(caller)
         record = RestoreRecord(
             id=restore_id,
             user=caller.user,
@@ -108,9 +120,9 @@ class Intake:
             include=entries,
             overwrite=overwrite,
             created_at=utc_now(),
-            sequence=self.records.next_sequence(),
+            sequence=await self._next_sequence(),
         )
-        await self._accept(record)
+        await self._accept(record, REUSABLE_RESTORE_ID)
         log.info(
             "restore %d: accepted from %s, backup %d into %s",
             restore_id,
@@ -132,26 +144,52 @@ class Intake:
         if missing is not None:
             raise NotInBackup(f"include: {shown(missing)} is not in backup {backup.id}")
 
-    def _refuse_too_many(self, caller: Caller) -> None:
+    async def _next_sequence(self) -> int:
+        """Returns the new job's place in its user's queue (awaits nothing on one node)."""
+        if self.coordination is not None:
+            return await self.coordination.next_sequence()
+        return self.records.next_sequence()
+
+    async def _refuse_too_many(self, caller: Caller) -> None:
         """Raises JobConflict when a non-admin caller has `max_pending_per_user` jobs
-        pending (backups and restores together, those being accepted included)."""
+        pending (backups and restores together, those being accepted included).
+
+        On a single node it awaits nothing, so concurrent POSTs cannot overshoot the cap;
+        in a cluster, POSTs on several nodes at one moment may pass it by a few."""
         if caller.admin:
             return
         limit = self.max_pending_per_user
-        pending = self.scheduler.queued_of(caller.user) + self._writing.get(caller.user, 0)
+        if self.coordination is not None:
+            queued = await self.coordination.pending_of(caller.user)
+        else:
+            queued = self.scheduler.queued_of(caller.user)
+        pending = queued + self._writing.get(caller.user, 0)
         if pending >= limit:
             raise JobConflict(
                 f"too many pending jobs ({pending} of at most {limit}): "
                 "wait for some to start, or cancel some"
             )
 
-    async def _accept(self, record: BackupRecord | RestoreRecord) -> None:
+    async def _accept(
+        self, record: BackupRecord | RestoreRecord, reusable: frozenset[JobStatus]
+    ) -> None:
         """Writes a new record and queues it, counted against its user's pending jobs
-        meanwhile; raises OSError (not written). `_refuse_too_many` comes first, with no
-        await in between, so concurrent POSTs cannot overshoot the cap."""
+        meanwhile; raises OSError (not written), JobConflict (a cluster: another node took
+        the id meanwhile, or it is another user's). `_refuse_too_many` comes first, with no
+        await in between on a single node, so concurrent POSTs cannot overshoot the cap.
+        `reusable`: the statuses in which the caller's own record of that id is replaced."""
         user = record.user
         self._writing[user] = self._writing.get(user, 0) + 1
         try:
+            if self.coordination is not None:
+                kind = key_of(record)[0]
+                admitted = await self.coordination.admit(
+                    kind, record.id, user, put(record).value, [s.value for s in reusable]
+                )
+                if not admitted:
+                    raise JobConflict(f"{kind} id {record.id} is in use")
+                self.queued()
+                return
             await self.records.add(record)
         finally:
             if self._writing[user] == 1:

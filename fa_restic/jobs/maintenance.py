@@ -112,12 +112,19 @@ class Upkeep:
         if self.state.resting:
             return None
         if self.forgets:
-            return ExclusiveWork("forget", self._forget, preemptible=True)
+            return ExclusiveWork(
+                "forget", self._forget, preemptible=True, still_wanted=lambda: bool(self.forgets)
+            )
         since = time.monotonic() - self.state.last_prune
         if self.state.prune_wanted and (
             self.state.last_prune == 0.0 or since >= self.prune_interval
         ):
-            return ExclusiveWork("prune", self._prune, preemptible=True)
+            return ExclusiveWork(
+                "prune",
+                self._prune,
+                preemptible=True,
+                still_wanted=lambda: self.state.prune_wanted,
+            )
         return None
 
     async def guarded(self, name: str, work: Callable[[], Awaitable[None]]) -> Outcome:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from fa_restic.names import JobStatus, Overwrite
 
@@ -73,6 +73,9 @@ class JobRecord(BaseModel):
     pid: int | None = None
     pid_start: int | None = None
     """restic's pid and start time while it runs, to end it if the service dies."""
+    progress: Progress | None = Field(default=None, exclude=True)
+    """In a cluster, the progress another node published for a job it runs; never stored
+    with the record (excluded from its dump)."""
 
     def move_to(
         self, status: JobStatus, extra: str | None = None, now: datetime | None = None

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -199,7 +198,7 @@ class Coordination(Protocol):
         not among `running` (this node restarted, or lost its lease meanwhile)."""
         ...
 
-    async def nodes(self) -> list[NodeLease]:
+    async def nodes(self) -> Sequence[NodeLease]:
         """Returns every node that has a lease, alive or not, by name."""
         ...
 
@@ -222,13 +221,23 @@ class Coordination(Protocol):
         ...
 
 
-@dataclass(frozen=True)
-class NodeLease:
+class NodeLease(Protocol):
     """A node as the cluster's database knows it."""
 
-    name: str
-    alive: bool
-    lease_age: float
-    """Seconds since its last heartbeat."""
-    running: int
-    """Jobs running on it."""
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def alive(self) -> bool:
+        """Its lease has not expired."""
+        ...
+
+    @property
+    def lease_age(self) -> float:
+        """Seconds since its last heartbeat."""
+        ...
+
+    @property
+    def running(self) -> int:
+        """Jobs running on it."""
+        ...

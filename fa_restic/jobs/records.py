@@ -121,21 +121,27 @@ class Records:
     and is read from the store when asked for (a year of records is a million).
     """
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, *, keep_pending: bool = True) -> None:
+        """`keep_pending`: False in a cluster, where a pending job is any node's to claim
+        and the store, not this node's memory, says what became of it."""
         self.store = store
+        self.keep_pending = keep_pending
         self.backups: dict[int, BackupRecord] = {}
         self.restores: dict[int, RestoreRecord] = {}
         self._sequence = 0
 
     def load(self, collections: Collections) -> None:
-        """Takes the live records read from the store (Store.load)."""
+        """Takes the live records read from the store (Store.load); without `keep_pending`,
+        not the pending ones (a cluster's nodes claim them)."""
         self.backups = {
             int(key): BackupRecord.model_validate(value)
             for key, value in collections.get(BACKUPS, {}).items()
+            if self.keep_pending or value.get("status") != JobStatus.PENDING.value
         }
         self.restores = {
             int(key): RestoreRecord.model_validate(value)
             for key, value in collections.get(RESTORES, {}).items()
+            if self.keep_pending or value.get("status") != JobStatus.PENDING.value
         }
         self._sequence = max((record.sequence for record in self.every()), default=0)
 
@@ -168,6 +174,15 @@ class Records:
         record = await self.get((JobKind.RESTORE, restore_id))
         assert record is None or isinstance(record, RestoreRecord)
         return record
+
+    def adopt(self, record: BackupRecord | RestoreRecord) -> None:
+        """Holds a record this node now runs (a cluster's claim) among the live ones."""
+        records: dict[int, Any] = self.of(key_of(record)[0])
+        records[record.id] = record
+
+    def let_go(self, key: JobKey) -> None:
+        """Forgets a live record without writing it (this node no longer runs it)."""
+        self.of(key[0]).pop(key[1], None)
 
     def every(self) -> Iterator[JobRecord]:
         """Yields every live record."""
@@ -247,8 +262,10 @@ class Records:
                 continue
             records: dict[int, Any] = self.of(operation.collection)
             record = records.get(int(operation.key))
-            if record is not None and not is_live(
-                record.status.value, getattr(record, "unsettled", False)
+            if record is None:
+                continue
+            if not is_live(record.status.value, getattr(record, "unsettled", False)) or (
+                record.status is JobStatus.PENDING and not self.keep_pending
             ):
                 del records[record.id]
 
@@ -260,6 +277,11 @@ class Records:
         """Returns the change that drops every record of `kind` (and drops the live ones)."""
         self.of(kind).clear()
         return Clear(kind)
+
+
+def record_of(kind: str, value: dict[str, Any]) -> BackupRecord | RestoreRecord:
+    """Returns the record of `kind` that a stored `value` holds."""
+    return _model(kind, value)
 
 
 def _model(kind: str, value: dict[str, Any]) -> BackupRecord | RestoreRecord:

@@ -100,17 +100,28 @@ class Settling:
         to run again, the newest such snapshot is adopted instead; any other is forgotten.
         Raises ResticError.
         """
+        await self._settle(
+            record,
+            lambda: (
+                record.status is JobStatus.PENDING and self.dequeue((JobKind.BACKUP, record.id))
+            ),
+        )
+
+    async def settle_claimed(self, record: BackupRecord) -> bool:
+        """Settles a backup this node claimed to run again (a cluster: the node that ran it
+        died); returns True when a snapshot of the attempt cut short was adopted, so that
+        the backup is `success` and need not run. Raises ResticError."""
+        return await self._settle(record, lambda: record.status is JobStatus.RUNNING)
+
+    async def _settle(self, record: BackupRecord, runs_again: Callable[[], bool]) -> bool:
         found = await self.restic.snapshots(tags=snapshot_tags(record.id, record.user))
         orphans = sorted(
             (s for s in found if s.id != record.snapshot_id and s.id not in self.upkeep.forgets),
             key=lambda snapshot: snapshot.time,
         )
         record.unsettled = False
-        if (
-            orphans
-            and record.status is JobStatus.PENDING
-            and self.dequeue((JobKind.BACKUP, record.id))
-        ):
+        adopted = None
+        if orphans and runs_again():
             adopted = orphans.pop()
             record.total_size, record.pack_size = await self.restic.backup_sizes(adopted)
             record.snapshot_id = adopted.id
@@ -134,3 +145,4 @@ class Settling:
                 orphan.id[:12],
             )
         await self.records.save(record, *operations)
+        return adopted is not None

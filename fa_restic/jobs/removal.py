@@ -78,7 +78,7 @@ class Removal:
         before, self.repository.state = self.repository.state, RepositoryState.DESTROYING
         try:
             for kind in (JobKind.BACKUP, JobKind.RESTORE):
-                await self.canceller.cancel_all(list(self.records.of(kind).values()), by)
+                await self.canceller.cancel_all_in_cluster(kind, by, None)
             report = await self._remove()
         except BaseException:
             self.repository.state = before

@@ -61,6 +61,13 @@ class Repository:
         destroyed = bool(meta_in(collections, REPOSITORY_KEY).get("destroyed", False))
         self.state = RepositoryState.DESTROYED if destroyed else RepositoryState.UNCHECKED
 
+    def refresh(self, collections: Collections) -> None:
+        """Takes what another node of a cluster saved: a repository it destroyed is checked
+        (and created) again before the next backup here."""
+        destroyed = bool(meta_in(collections, REPOSITORY_KEY).get("destroyed", False))
+        if destroyed and self.state is RepositoryState.READY:
+            self.state = RepositoryState.UNCHECKED
+
     @property
     def destroyed(self) -> bool:
         return self.state is RepositoryState.DESTROYED

@@ -41,10 +41,22 @@ class ExclusiveWork:
     name: str
     run: Callable[[], Coroutine[Any, Any, None]]
     preemptible: bool = False
+    still_wanted: Callable[[], bool] | None = None
+    """Asked again just before the work runs in a cluster, once the state the nodes share
+    is read afresh (another node may have done it meanwhile); None: always wanted."""
+    cluster_wide: bool = True
+    """In a cluster: needs the repository to itself on every node, not on this one only."""
 
 
 MaintenancePicker = Callable[[], ExclusiveWork | None]
 JobRunner = Callable[[JobKey], Coroutine[Any, Any, None]]
+Gate = Callable[[ExclusiveWork], Coroutine[Any, Any, None]]
+"""Runs exclusive work once every other node lets it (a cluster, jobs.node); a single
+node runs it as it is."""
+
+
+async def _ungated(work: ExclusiveWork) -> None:
+    await work.run()
 
 
 class _UserQueue:
@@ -76,8 +88,10 @@ class Scheduler:
         run_job: JobRunner,
         pick_maintenance: MaintenancePicker,
         idle_poll_seconds: float = 30.0,
+        gate: Gate = _ungated,
     ) -> None:
         self._max_running = max_running
+        self.gate = gate
         self._run_job = run_job
         self._pick_maintenance = pick_maintenance
         self._idle_poll_seconds = idle_poll_seconds
@@ -138,6 +152,17 @@ class Scheduler:
     @property
     def running_count(self) -> int:
         return len(self._running)
+
+    @property
+    def free_slots(self) -> int:
+        """Returns how many more jobs could start now, counting those queued."""
+        return max(self._max_running - len(self._running) - len(self._queued), 0)
+
+    @property
+    def accepts_jobs(self) -> bool:
+        """True when a queued job would start now: no exclusive work runs or waits, no
+        hold, not stopped."""
+        return not (self._paused or self._holds or self._exclusive or self._requests)
 
     @property
     def exclusive_name(self) -> str | None:
@@ -288,7 +313,7 @@ class Scheduler:
         task.add_done_callback(done)
 
     def _start_exclusive(self, work: ExclusiveWork, future: asyncio.Future[None] | None) -> None:
-        task = asyncio.create_task(work.run(), name=f"exclusive-{work.name}")
+        task = asyncio.create_task(self.gate(work), name=f"exclusive-{work.name}")
         self._exclusive = (work, task)
 
         def done(finished: asyncio.Task[None]) -> None:

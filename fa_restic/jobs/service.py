@@ -29,7 +29,8 @@ from fa_restic.jobs.models import (
     Progress,
     RestoreRecord,
 )
-from fa_restic.jobs.ports import ResticRunner
+from fa_restic.jobs.node import ClusterNode, NodeOptions
+from fa_restic.jobs.ports import Coordination, ResticRunner
 from fa_restic.jobs.records import Records, key_of
 from fa_restic.jobs.recovery import Settling, scrub
 from fa_restic.jobs.removal import Removal
@@ -62,6 +63,8 @@ class JobOptions:
     that cannot be had and `[paths] allow_symlink_races` allows it."""
     browse_cache_bytes: int = DEFAULT_BUDGET_BYTES
     """The memory budget of the cached backup trees (jobs.browse)."""
+    lease_seconds: float = 30.0
+    """In a cluster: a node silent this long is dead (SPEC §10)."""
 
 
 @dataclass
@@ -73,6 +76,8 @@ class Health:
     """This node's name, when the records are in the cluster's database (SPEC §10)."""
     database: str | None = None
     """`ok` or a short reason, when the records are in the cluster's database."""
+    nodes_alive: int | None = None
+    """How many nodes of the cluster hold a lease (this one included)."""
 
 
 @runtime_checkable
@@ -91,12 +96,18 @@ class JobService:
     """Backups, restores and the repository's upkeep, for the API."""
 
     def __init__(
-        self, options: JobOptions, store: Store, restic: ResticRunner, metrics: Metrics
+        self,
+        options: JobOptions,
+        store: Store,
+        restic: ResticRunner,
+        metrics: Metrics,
+        coordination: Coordination | None = None,
     ) -> None:
+        """`coordination`: a cluster's (SPEC §10); None for a single node."""
         self.options = options
         self.restic = restic
         self.metrics = metrics
-        self.records = Records(store)
+        self.records = Records(store, keep_pending=coordination is None)
         lock_wait = options.lock_wait_seconds
         self.upkeep = maintenance.Upkeep(
             restic, self.records, lock_wait, options.prune_interval_seconds
@@ -109,6 +120,7 @@ class JobService:
             Settings(options.data_root, lock_wait, options.confine_backups),
             before_backup=self.repository.ensure,
             after_cancel=self.upkeep.want_prune,
+            settle_claimed=lambda record: self.settling.settle_claimed(record),
         )
         self.scheduler = Scheduler(options.max_running, self.execution.run, self._maintenance)
         self.browser = Browser(
@@ -117,7 +129,10 @@ class JobService:
         self.intake = Intake(
             self.records, self.scheduler, options.max_pending_per_user, self.browser
         )
+        self.intake.coordination = coordination
         self.canceller = Canceller(self.records, self.scheduler, self.execution, metrics)
+        self.canceller.coordination = coordination
+        self.canceller.remote_wait_seconds = options.lease_seconds + 10
         self.removal = Removal(
             self.records,
             self.repository,
@@ -129,6 +144,11 @@ class JobService:
         self.settling = Settling(
             self.records, restic, self.upkeep, self.scheduler.dequeue, metrics.job_finished
         )
+        self.node: ClusterNode | None = None
+        if coordination is not None:
+            options_of_node = NodeOptions(options.lease_seconds, options.max_attempts)
+            self.node = ClusterNode(coordination, options_of_node, self)
+            self.scheduler.gate, self.intake.queued = self.node.gate, self.node.wake
         self._stopping = False
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -168,12 +188,18 @@ class JobService:
         removed and snapshots of attempts cut short are settled.
         """
         await self.records.write(scrub(self.records, self.options.max_attempts))
-        preparation = self.scheduler.request(ExclusiveWork("startup", self._prepare))
+        # In a cluster the repository is shared: the startup needs it to itself on this node
+        # only (`unlock` leaves live locks alone, `init` of an existing one is refused).
+        preparation = self.scheduler.request(
+            ExclusiveWork("startup", self._prepare, cluster_wide=False)
+        )
         for record in sorted(self.records.every(), key=lambda record: record.sequence):
-            if record.status is JobStatus.PENDING:
+            if record.status is JobStatus.PENDING:  # a cluster's are the database's to claim
                 self.scheduler.enqueue(key_of(record), record.sequence, record.user)
         self.metrics.bind(self._counts)
         self.scheduler.start()
+        if self.node is not None:
+            self.node.start()
         self._background(preparation, "prepare the repository")
 
     async def _prepare(self) -> None:
@@ -197,6 +223,8 @@ class JobService:
     async def stop(self) -> None:
         """Interrupts running work (SIGINT); interrupted jobs run again after a restart."""
         self._stopping = True
+        if self.node is not None:
+            await self.node.stop()
         await self.scheduler.stop()
         stopping = []
         for record in self.records.with_status(JobStatus.RUNNING):
@@ -281,7 +309,7 @@ class JobService:
             return record
         if record.status.is_terminal:
             raise JobConflict(f"{kind} {job_id} already ended ({record.status})")
-        await self.canceller.cancel(record, caller.user)
+        record = await self.canceller.cancel(record, caller.user)
         final = JobStatus(record.status)  # changed by the job's task meanwhile
         if final is not JobStatus.CANCEL:
             raise JobConflict(f"{kind} {job_id} ended ({final}) before it could be cancelled")
@@ -290,6 +318,9 @@ class JobService:
     async def cancel_all(self, caller: Caller, kind: JobKind) -> list[int]:
         """Cancels every pending or running job of the caller (an admin: of everyone);
         returns the ids now `cancel`."""
+        if self.node is not None:
+            scope = None if caller.admin else caller.user
+            return await self.canceller.cancel_all_in_cluster(kind, caller.user, scope)
         records = self.records.of(kind).values()
         candidates = [record for record in records if caller.may_see(record)]
         return await self.canceller.cancel_all(candidates, caller.user)
@@ -322,6 +353,11 @@ class JobService:
         store = self.store
         if isinstance(store, NodeStore):
             health.node, health.database = store.node, store.database_state
+        if self.node is not None:
+            # The queue is the cluster's: its pending jobs as last counted.
+            counts = self.records.status_counts()
+            health.pending = sum(counts[kind][JobStatus.PENDING] for kind in counts)
+            health.nodes_alive = self.node.nodes_alive
         return health
 
     def _counts(self) -> JobCounts:
@@ -332,6 +368,9 @@ class JobService:
 
     def _maintenance(self) -> ExclusiveWork | None:
         busy = self._stopping or self.repository.state is RepositoryState.DESTROYING
+        # In a cluster: while jobs wait anywhere they go first (as a waiting job would
+        # interrupt a prune), and their node may be another.
+        busy = busy or (self.node is not None and self.node.jobs_waiting)
         if busy or self.upkeep.state.resting:
             return None
         if self.settling.due():

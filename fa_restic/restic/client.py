@@ -124,7 +124,11 @@ class Restic:
         progress_fps: float = 1.0,
         grace_seconds: float = 3.0,
         backend_wait_seconds: float = 0.0,
+        host: str | None = None,
     ) -> None:
+        """`host`: the host name backups give their snapshots (a cluster's one name, so that
+        whichever node backs up a path finds the same parent); None: this machine's."""
+        self.host = host
         self.binary = binary
         self.repository = repository
         self._environment = repository.environment(progress_fps)
@@ -282,7 +286,7 @@ class Restic:
                 unreadable.append(clean_line(text))
 
         completed = await self._run(
-            commands.backup_command(self.binary, tags, paths, excludes),
+            commands.backup_command(self.binary, tags, paths, excludes, self.host),
             cwd=cwd,
             on_stdout=on_stdout,
             on_stderr=on_stderr,

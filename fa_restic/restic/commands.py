@@ -116,11 +116,16 @@ def anchored_excludes(root: str, patterns: Iterable[str]) -> list[str]:
 
 
 def backup_command(
-    binary: Binary, tags: Iterable[str], paths: Iterable[str], excludes: Iterable[str] = ()
+    binary: Binary,
+    tags: Iterable[str],
+    paths: Iterable[str],
+    excludes: Iterable[str] = (),
+    host: str | None = None,
 ) -> Command:
-    """Returns `restic backup --json --tag T... --exclude P... -- PATH...`; tags must not
-    contain commas; `excludes` are passed as they are (see anchored_excludes)."""
-    tag_arguments: list[str] = []
+    """Returns `restic backup --json [--host H] --tag T... --exclude P... -- PATH...`; tags
+    must not contain commas; `excludes` are passed as they are (see anchored_excludes).
+    `host`: the snapshot's host name, by which restic finds a parent (None: this machine's)."""
+    tag_arguments: list[str] = ["--host", host] if host else []
     for tag in tags:
         if "," in tag:
             raise ValueError(f"restic splits tags at commas: {tag!r}")
