@@ -38,6 +38,17 @@ COLLECTIONS = (BACKUPS, RESTORES, FORGETS, META)
 _PENDING = JobStatus.PENDING.value
 _RUNNING = JobStatus.RUNNING.value
 _FAILED = JobStatus.FAILED.value
+_CANCEL = JobStatus.CANCEL.value
+
+GATE_LOCK = 0x66612D67617465
+"""The cluster's gate ("fa-gate" in ASCII): every claim takes it shared for its transaction,
+and a node doing exclusive repository work holds it exclusive (DatabaseCoordination.exclusive)
+so that no node claims a job meanwhile. One key, fixed forever, other than the migrations'
+lock and the store's locks."""
+
+_RECORD_AND_PROGRESS = sql.SQL("record, CASE WHEN status = 'running' THEN progress END")
+"""A job's columns as `read` and `page` select them: the progress only of a running job
+(a finished job's last progress may linger in its row)."""
 
 LINE_LOOKAHEAD = 4
 """A claim of n slots considers the 4·n users at the head of the line: enough when other
@@ -79,7 +90,8 @@ def _table(collection: str) -> _Table:
         raise ValueError(f"unknown collection {collection!r}") from None
 
 
-def _job_kind(kind: str) -> str:
+def job_kind(kind: str) -> str:
+    """Returns `kind` if it is a job collection ("backup", "restore"); raises ValueError."""
     if kind not in JOB_COLLECTIONS:
         raise ValueError(f"not a job collection: {kind!r}")
     return kind
@@ -157,7 +169,7 @@ class DatabaseRecords:
             cursor = await connection.execute(
                 "INSERT INTO jobs (kind, id, record) VALUES (%s, %s, %s)"
                 " ON CONFLICT (kind, id) DO NOTHING RETURNING id",
-                (_job_kind(kind), job_id, Jsonb(value)),
+                (job_kind(kind), job_id, Jsonb(value)),
             )
             return await cursor.fetchone() is not None
 
@@ -216,7 +228,10 @@ class DatabaseRecords:
     # -- reading -------------------------------------------------------------------------
 
     async def read(self, collection: str, key: str | int) -> Value | None:
-        """Returns one record, or None; raises ValueError for an unknown collection."""
+        """Returns one record, or None; raises ValueError for an unknown collection.
+
+        A running job's record has the live progress its node published (share_progress)
+        as "progress"."""
         table = _table(collection)
         async with self.database.connection() as connection:
             if table is _JOBS:
@@ -225,15 +240,19 @@ class DatabaseRecords:
                 except ValueError:
                     return None
                 cursor = await connection.execute(
-                    "SELECT record FROM jobs WHERE kind = %s AND id = %s", (collection, job_id)
+                    sql.SQL("SELECT {} FROM jobs WHERE kind = %s AND id = %s").format(
+                        _RECORD_AND_PROGRESS
+                    ),
+                    (collection, job_id),
                 )
-            else:
-                query = sql.SQL("SELECT {value} FROM {table} WHERE {key} = %s").format(
-                    value=sql.Identifier(table.value),
-                    table=sql.Identifier(table.name),
-                    key=sql.Identifier(table.key),
-                )
-                cursor = await connection.execute(query, (str(key),))
+                row = await cursor.fetchone()
+                return None if row is None else _with_progress(row[0], row[1])
+            query = sql.SQL("SELECT {value} FROM {table} WHERE {key} = %s").format(
+                value=sql.Identifier(table.value),
+                table=sql.Identifier(table.name),
+                key=sql.Identifier(table.key),
+            )
+            cursor = await connection.execute(query, (str(key),))
             row = await cursor.fetchone()
         return None if row is None else dict(row[0])
 
@@ -248,9 +267,10 @@ class DatabaseRecords:
     ) -> list[Value]:
         """Returns up to `limit` records of `kind` (of `owner`, with status `label`, if given)
         with an id below `before`, highest id first; through an index, so the cost is the
-        page's, whatever the number of records (StateStore.page's semantics)."""
+        page's, whatever the number of records (StateStore.page's semantics). Running jobs
+        have their live progress as `read` gives it."""
         conditions = [sql.SQL("kind = %s")]
-        params: list[Any] = [_job_kind(kind)]
+        params: list[Any] = [job_kind(kind)]
         for condition, value in (
             ("owner = %s", owner),
             ("status = %s", label),
@@ -259,19 +279,21 @@ class DatabaseRecords:
             if value is not None:
                 conditions.append(sql.SQL(condition))
                 params.append(value)
-        query = sql.SQL("SELECT record FROM jobs WHERE {} ORDER BY id DESC LIMIT %s").format(
-            sql.SQL(" AND ").join(conditions)
+        query = sql.SQL("SELECT {} FROM jobs WHERE {} ORDER BY id DESC LIMIT %s").format(
+            _RECORD_AND_PROGRESS, sql.SQL(" AND ").join(conditions)
         )
         async with self.database.connection() as connection:
             cursor = await connection.execute(query, (*params, max(limit, 0)))
-            return [dict(row[0]) for row in await cursor.fetchall()]
+            return [
+                _with_progress(record, progress) for record, progress in await cursor.fetchall()
+            ]
 
     async def counts(self, kind: str) -> dict[str, int]:
         """Returns status -> how many records of `kind` (statuses with none left out)."""
         async with self.database.connection() as connection:
             cursor = await connection.execute(
                 "SELECT status, count(*) FROM jobs WHERE kind = %s GROUP BY status",
-                (_job_kind(kind),),
+                (job_kind(kind),),
             )
             return {status: int(number) for status, number in await cursor.fetchall()}
 
@@ -290,14 +312,17 @@ class DatabaseRecords:
         assert row is not None
         return int(row[0])
 
-    async def live(self, kind: str) -> dict[str, Value]:
+    async def live(self, kind: str, node: str | None = None) -> dict[str, Value]:
         """Returns id (as text, as the store keys it) -> record of every live record of
-        `kind`: pending, running or with an attempt to settle (jobs.records.is_live)."""
+        `kind`: pending, running or with an attempt to settle (jobs.records.is_live); with
+        `node`, only those the database says that node runs or ran."""
+        query = "SELECT id, record FROM jobs WHERE kind = %s AND live"
+        params: tuple[Any, ...] = (job_kind(kind),)
+        if node is not None:
+            query += " AND node = %s"
+            params += (node,)
         async with self.database.connection() as connection:
-            cursor = await connection.execute(
-                "SELECT id, record FROM jobs WHERE kind = %s AND live ORDER BY id",
-                (_job_kind(kind),),
-            )
+            cursor = await connection.execute(query + " ORDER BY id", params)
             return {str(job_id): dict(record) for job_id, record in await cursor.fetchall()}
 
     async def every(self, collection: str) -> dict[str, Value]:
@@ -314,12 +339,16 @@ class DatabaseRecords:
             cursor = await connection.execute(query)
             return {key: dict(value) for key, value in await cursor.fetchall()}
 
-    async def load(self) -> dict[str, dict[str, Value]]:
+    async def load(self, node: str | None = None) -> dict[str, dict[str, Value]]:
         """Returns what a node keeps in memory, as Store.load does: the live jobs, the
-        forget queue and the meta values."""
+        forget queue and the meta values.
+
+        With `node`, only the live jobs of that node (rows it claimed or ran): a node of a
+        cluster claims pending jobs rather than loading them. Without, every live job (a
+        single node's records, an import, a rebuild)."""
         return {
-            BACKUPS: await self.live(BACKUPS),
-            RESTORES: await self.live(RESTORES),
+            BACKUPS: await self.live(BACKUPS, node),
+            RESTORES: await self.live(RESTORES, node),
             FORGETS: await self.every(FORGETS),
             META: await self.every(META),
         }
@@ -360,11 +389,21 @@ class DatabaseRecords:
 
         A claimed record changes as it does when a single node starts the job: running,
         `started_at` now, one more attempt, `extra` and restic's pid cleared; the job layer
-        then runs it and writes what follows. Raises DatabaseUnavailable.
+        then runs it and writes what follows.
+
+        Returns [] while a node holds GATE_LOCK exclusive (DatabaseCoordination.exclusive):
+        a claim holds it shared until it commits, so the holder never sees a claim half done.
+        Raises DatabaseUnavailable.
         """
         if slots <= 0:
             return []
         async with self.database.transaction() as connection:
+            cursor = await connection.execute(
+                "SELECT pg_try_advisory_xact_lock_shared(%s)", (GATE_LOCK,)
+            )
+            gate = await cursor.fetchone()
+            if gate is None or not gate[0]:
+                return []
             line = await self._line(connection, slots * LINE_LOOKAHEAD)
             waiting = await self._lock_pending(connection, [owner for owner, _ in line], slots)
             taken = _take_turns([owner for owner, _ in line], waiting, slots)
@@ -454,8 +493,8 @@ class DatabaseRecords:
 
     async def requeue_dead(self, lease_seconds: float, max_attempts: int) -> list[Job]:
         """Puts the running jobs of dead nodes (no heartbeat within the lease; or of no
-        known node) back to pending, or fails them after `max_attempts`; returns them as
-        changed.
+        known node) back to pending, fails them after `max_attempts`, or cancels those
+        another node asked to cancel (`cancel_by`); returns them as changed.
 
         As a single node does at start (jobs.recovery.scrub) with what it was running: the
         attempt counts, and a backup is marked `unsettled` so that a snapshot the
@@ -464,29 +503,41 @@ class DatabaseRecords:
         """
         async with self.database.transaction() as connection:
             cursor = await connection.execute(
-                "SELECT kind, id, record, node FROM jobs"
+                "SELECT kind, id, record, node, cancel_by FROM jobs"
                 " WHERE status = 'running' AND NOT EXISTS ("
                 "     SELECT 1 FROM nodes WHERE nodes.name = jobs.node"
                 "     AND nodes.heartbeat_at > now() - make_interval(secs => %s))"
                 " ORDER BY kind, id FOR UPDATE SKIP LOCKED",
                 (lease_seconds,),
             )
-            found = await cursor.fetchall()
-            if not found:
-                return []
-            now = _now_text()
-            changed = [
-                Job(kind, job_id, _interrupted(kind, dict(record), node, max_attempts, now))
-                for kind, job_id, record, node in found
-            ]
-            async with connection.cursor() as update:
-                # The trigger of 002_nodes.sql queues a job put back to pending at the back
-                # of its user's place and releases it from the dead node.
-                await update.executemany(
-                    "UPDATE jobs SET record = %s WHERE kind = %s AND id = %s",
-                    [(Jsonb(job.record), job.kind, job.id) for job in changed],
-                )
-        return changed
+            return await _put_back(connection, await cursor.fetchall(), max_attempts, "stopped")
+
+    async def release(
+        self, node: str, running: Iterable[tuple[str, int]], max_attempts: int
+    ) -> list[Job]:
+        """As `requeue_dead`, for the jobs the database says run on `node` but that are not
+        among `running` (kind, id): the node restarted, or lost its lease meanwhile and its
+        restic processes with it. Returns them as changed; raises DatabaseUnavailable.
+
+        A job `node` claims while this runs is not among `running` yet: the caller does not
+        release while it claims."""
+        kinds: list[str] = []
+        ids: list[int] = []
+        for kind, job_id in running:
+            kinds.append(kind)
+            ids.append(job_id)
+        async with self.database.transaction() as connection:
+            cursor = await connection.execute(
+                "SELECT kind, id, record, node, cancel_by FROM jobs"
+                " WHERE status = 'running' AND node = %s AND NOT EXISTS ("
+                "     SELECT 1 FROM unnest(%s::text[], %s::bigint[]) AS kept (kind, id)"
+                "     WHERE kept.kind = jobs.kind AND kept.id = jobs.id)"
+                " ORDER BY kind, id FOR UPDATE SKIP LOCKED",
+                (node, kinds, ids),
+            )
+            return await _put_back(
+                connection, await cursor.fetchall(), max_attempts, "restarted or lost its lease"
+            )
 
 
 def _take_turns(
@@ -505,23 +556,71 @@ def _take_turns(
     return taken
 
 
-def _interrupted(kind: str, record: Value, node: str | None, max_attempts: int, now: str) -> Value:
-    """Returns `record`, a job its dead node was running, as it runs again or fails."""
+async def _put_back(
+    connection: Connection,
+    found: Sequence[tuple[str, int, Value, str | None, str | None]],
+    max_attempts: int,
+    what: str,
+) -> list[Job]:
+    """Writes the interrupted jobs `found` (kind, id, record, node, cancel_by; locked by the
+    caller's transaction) as they run again, fail or are cancelled; returns them so."""
+    if not found:
+        return []
+    now = _now_text()
+    changed = [
+        Job(kind, job_id, _interrupted(kind, dict(record), node, by, max_attempts, now, what))
+        for kind, job_id, record, node, by in found
+    ]
+    async with connection.cursor() as update:
+        # The trigger of 002_nodes.sql (003_cluster.sql) queues a job put back to pending at
+        # the back of its user's place and releases it from its node.
+        await update.executemany(
+            "UPDATE jobs SET record = %s WHERE kind = %s AND id = %s",
+            [(Jsonb(job.record), job.kind, job.id) for job in changed],
+        )
+    return changed
+
+
+def _interrupted(
+    kind: str,
+    record: Value,
+    node: str | None,
+    cancel_by: str | None,
+    max_attempts: int,
+    now: str,
+    what: str = "stopped",
+) -> Value:
+    """Returns `record`, a job its node was running until it `what` (stopped, restarted),
+    as it runs again, fails, or ends cancelled when someone asked to cancel it."""
     attempts = int(record.get("attempts") or 0)
     where = f"node {node}" if node else "its node"
     changed: Value = {**record, "pid": None, "pid_start": None}
     if kind == BACKUPS:
+        # Whatever happens next, the interrupted attempt may have saved a snapshot.
         changed["unsettled"] = True
-    if attempts < max_attempts:
+    if cancel_by:
+        # Asked to stop and now stopped: running it again would undo the cancel.
+        changed["status"] = _CANCEL
+        changed["finished_at"] = now
+        changed["extra"] = f"cancelled by {cancel_by}"
+    elif attempts < max_attempts:
         changed["status"] = _PENDING
         changed["extra"] = (
-            f"interrupted: {where} stopped (attempt {attempts} of {max_attempts}); runs again"
+            f"interrupted: {where} {what} (attempt {attempts} of {max_attempts}); runs again"
         )
     else:
         changed["status"] = _FAILED
         changed["finished_at"] = now
         changed["extra"] = (
-            f"interrupted: {where} stopped during attempt {attempts} of {max_attempts}; "
+            f"interrupted: {where} {what} during attempt {attempts} of {max_attempts}; "
             "not tried again"
         )
     return changed
+
+
+def _with_progress(record: Value, progress: Value | None) -> Value:
+    """Returns `record` (a row's) with the live progress its node published, if any."""
+    value = dict(record)
+    if progress is not None:
+        value["progress"] = dict(progress)
+    return value

@@ -1,0 +1,323 @@
+"""What a node of a cluster (SPEC §10) asks of the database the nodes share: admitting jobs,
+claiming them, cancelling across nodes, sharing progress, leases, and the gate that keeps
+exclusive repository work alone.
+
+`DatabaseCoordination` is the job layer's `Coordination` (fa_restic.jobs.ports), matched
+structurally: this package sits below the job layer and may not import it (the import-linter
+layers in pyproject.toml); tests/cluster checks that it conforms.
+
+Every method raises DatabaseUnavailable (an OSError) when the database cannot be reached.
+Jobs are (kind, id): kind "backup" or "restore".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Collection, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, LiteralString
+
+import psycopg
+from psycopg import sql
+from psycopg.types.json import Jsonb
+
+from fa_restic.cluster.database import Database, unavailable_as_oserror
+from fa_restic.cluster.records import (
+    FORGETS,
+    GATE_LOCK,
+    META,
+    DatabaseRecords,
+    job_kind,
+)
+
+log = logging.getLogger("fa_restic.cluster")
+
+ClusterJob = tuple[str, int, dict[str, Any]]
+"""(kind, id, record): fa_restic.jobs.ports.ClusterJob, spelled again."""
+
+GATE_POLL_SECONDS = 0.2
+"""How often `exclusive` tries the gate again while another node holds it (or claims)."""
+
+
+@dataclass(frozen=True)
+class NodeLease:
+    """A node as the cluster's database knows it.
+
+    The job layer's NodeLease (fa_restic.jobs.ports) is a Protocol of these read-only
+    fields, which this frozen dataclass fits structurally: this package may not import the
+    job layer."""
+
+    name: str
+    alive: bool
+    lease_age: float
+    """Seconds since its last heartbeat."""
+    running: int
+    """Jobs running on it."""
+
+
+class DatabaseCoordination:
+    """One node's view of the cluster in its database (the job layer's Coordination)."""
+
+    def __init__(
+        self,
+        database: Database,
+        records: DatabaseRecords,
+        node: str,
+        url: str,
+        lease_seconds: float,
+    ) -> None:
+        """`database`, `records`: the node's store's (one pool). `url`: the database's, for
+        the connection `exclusive` holds its lock on. `lease_seconds`: a node silent this
+        long is dead."""
+        self.database = database
+        self.records = records
+        self._node = node
+        self._url = url
+        self.lease_seconds = lease_seconds
+
+    @property
+    def node(self) -> str:
+        """This node's name (unique in the cluster)."""
+        return self._node
+
+    # -- admitting and counting ----------------------------------------------------------
+
+    async def next_sequence(self) -> int:
+        """Returns the next queue position, increasing across every node."""
+        return await self.records.next_sequence()
+
+    async def admit(
+        self, kind: str, job_id: int, user: str, value: dict[str, Any], reusable: Collection[str]
+    ) -> bool:
+        """Writes a new pending job record, or replaces the one of that id if it is `user`'s
+        and its status is in `reusable`; returns False, changing nothing, otherwise.
+        Committed when it returns.
+
+        Of nodes admitting one id at once exactly one gets True (as long as `reusable` holds
+        no active status): the loser's insert waits for the winner's row, then finds it
+        pending. Raises ValueError if `value` names another id or user than given.
+        """
+        if value.get("id", job_id) != job_id or value.get("user", user) != user:
+            raise ValueError("the record's id and user must be those given")
+        async with self.database.connection() as connection:
+            cursor = await connection.execute(
+                "INSERT INTO jobs (kind, id, record) VALUES (%s, %s, %s)"
+                " ON CONFLICT (kind, id) DO UPDATE SET record = EXCLUDED.record"
+                " WHERE jobs.owner = %s AND jobs.status = ANY(%s) RETURNING id",
+                (job_kind(kind), job_id, Jsonb(value), user, list(reusable)),
+            )
+            return await cursor.fetchone() is not None
+
+    async def pending_of(self, user: str) -> int:
+        """Returns how many jobs of `user` wait to be claimed (backups and restores)."""
+        return await self._number(
+            "SELECT count(*) FROM jobs WHERE status = 'pending' AND owner = %s", (user,)
+        )
+
+    async def pending_exists(self) -> bool:
+        """True when any job waits to be claimed."""
+        return bool(
+            await self._number(
+                "SELECT EXISTS (SELECT 1 FROM jobs WHERE status = 'pending')",
+                (),
+            )
+        )
+
+    async def running_anywhere(self) -> int:
+        """Returns how many jobs run on nodes whose lease has not expired."""
+        return await self._number(
+            "SELECT count(*) FROM jobs JOIN nodes ON nodes.name = jobs.node"
+            " WHERE jobs.status = 'running'"
+            " AND nodes.heartbeat_at > now() - make_interval(secs => %s)",
+            (self.lease_seconds,),
+        )
+
+    async def _number(self, query: LiteralString, params: tuple[Any, ...]) -> int:
+        """Returns the one number `query` selects."""
+        async with self.database.connection() as connection:
+            cursor = await connection.execute(query, params)
+            row = await cursor.fetchone()
+        assert row is not None
+        return int(row[0])
+
+    # -- claims and cancels ----------------------------------------------------------------
+
+    async def claim(self, slots: int) -> list[ClusterJob]:
+        """Takes up to `slots` pending jobs for this node, fairly between users, and returns
+        them as now running on it (status running, started_at now, one more attempt).
+        Returns [] while any node holds `exclusive` (DatabaseRecords.claim)."""
+        claimed = await self.records.claim(self._node, slots)
+        return [(job.kind, job.id, job.record) for job in claimed]
+
+    async def cancel_pending(
+        self,
+        kind: str,
+        fields: dict[str, Any],
+        *,
+        job_id: int | None = None,
+        user: str | None = None,
+    ) -> list[int]:
+        """Merges `fields` into the pending (unclaimed) jobs of `kind`: the one `job_id`,
+        else those of `user`, else all; returns the ids changed, ascending.
+
+        A job a claim holds at this moment is left out: the update waits for the claim's
+        row lock and, the job then running, no longer matches (PostgreSQL checks the
+        condition again on the row the claim committed)."""
+        where, params = self._which(kind, job_id, user)
+        query = sql.SQL(
+            "UPDATE jobs SET record = record || %s WHERE status = 'pending' AND {} RETURNING id"
+        ).format(where)
+        async with self.database.connection() as connection:
+            cursor = await connection.execute(query, (Jsonb(fields), *params))
+            return sorted(int(found) for (found,) in await cursor.fetchall())
+
+    async def request_cancel(
+        self, kind: str, by: str, *, job_id: int | None = None, user: str | None = None
+    ) -> list[int]:
+        """Asks the nodes running jobs of `kind` (the one `job_id`, else `user`'s, else all)
+        to cancel them on behalf of `by`; jobs running on this node are left out (its job
+        layer stops them itself). Returns the ids asked for, ascending."""
+        where, params = self._which(kind, job_id, user)
+        query = sql.SQL(
+            "UPDATE jobs SET cancel_by = %s WHERE status = 'running'"
+            " AND node IS DISTINCT FROM %s AND {} RETURNING id"
+        ).format(where)
+        async with self.database.connection() as connection:
+            cursor = await connection.execute(query, (by, self._node, *params))
+            return sorted(int(found) for (found,) in await cursor.fetchall())
+
+    @staticmethod
+    def _which(kind: str, job_id: int | None, user: str | None) -> tuple[sql.Composed, list[Any]]:
+        """Returns the condition choosing jobs of `kind`: the one `job_id`, else `user`'s,
+        else all; with its parameters."""
+        conditions = [sql.SQL("kind = %s")]
+        params: list[Any] = [job_kind(kind)]
+        if job_id is not None:
+            conditions.append(sql.SQL("id = %s"))
+            params.append(job_id)
+        elif user is not None:
+            conditions.append(sql.SQL("owner = %s"))
+            params.append(user)
+        return sql.SQL(" AND ").join(conditions), params
+
+    async def cancel_requests(self) -> list[tuple[str, int, str]]:
+        """Returns (kind, id, by) of the jobs running on this node that someone asked to
+        cancel, by kind and id."""
+        async with self.database.connection() as connection:
+            cursor = await connection.execute(
+                "SELECT kind, id, cancel_by FROM jobs"
+                " WHERE status = 'running' AND node = %s AND cancel_by IS NOT NULL"
+                " ORDER BY kind, id",
+                (self._node,),
+            )
+            return [(kind, int(job_id), by) for kind, job_id, by in await cursor.fetchall()]
+
+    async def share_progress(self, progress: Mapping[tuple[str, int], dict[str, Any]]) -> None:
+        """Publishes the live progress of jobs running on this node, in one round trip (read
+        back as the record's "progress" by other nodes while the job runs). Jobs no longer
+        running here are left as they are."""
+        if not progress:
+            return
+        async with self.database.connection() as connection, connection.cursor() as cursor:
+            await cursor.executemany(
+                "UPDATE jobs SET progress = %s WHERE kind = %s AND id = %s"
+                " AND node = %s AND status = 'running'",
+                [
+                    (Jsonb(value), kind, job_id, self._node)
+                    for (kind, job_id), value in progress.items()
+                ],
+            )
+
+    # -- leases ------------------------------------------------------------------------------
+
+    async def beat(self) -> None:
+        """Renews this node's lease (adds the node on its first beat)."""
+        await self.records.heartbeat(self._node)
+
+    async def requeue_dead(self, max_attempts: int) -> list[ClusterJob]:
+        """Puts the running jobs of nodes whose lease expired back to pending (backups
+        unsettled), fails them after `max_attempts`, or cancels those someone asked to
+        cancel; returns them as changed (DatabaseRecords.requeue_dead)."""
+        changed = await self.records.requeue_dead(self.lease_seconds, max_attempts)
+        return [(job.kind, job.id, job.record) for job in changed]
+
+    async def release(
+        self, running: Collection[tuple[str, int]], max_attempts: int
+    ) -> list[ClusterJob]:
+        """As `requeue_dead`, for the jobs the database says run on this node but that are
+        not among `running` (this node restarted, or lost its lease meanwhile); returns
+        them as changed (DatabaseRecords.release)."""
+        changed = await self.records.release(self._node, running, max_attempts)
+        return [(job.kind, job.id, job.record) for job in changed]
+
+    async def nodes(self) -> list[NodeLease]:
+        """Returns every node that has a lease, alive or not, by name, with the jobs the
+        database says run on it."""
+        async with self.database.connection() as connection:
+            cursor = await connection.execute(
+                "SELECT name, heartbeat_at > now() - make_interval(secs => %s),"
+                " greatest(extract(epoch FROM now() - heartbeat_at), 0)::float8,"
+                " (SELECT count(*) FROM jobs WHERE status = 'running' AND node = nodes.name)"
+                " FROM nodes ORDER BY name",
+                (self.lease_seconds,),
+            )
+            return [
+                NodeLease(name=name, alive=bool(alive), lease_age=float(age), running=int(count))
+                for name, alive, age, count in await cursor.fetchall()
+            ]
+
+    # -- the gate ------------------------------------------------------------------------------
+
+    def exclusive(self) -> AbstractAsyncContextManager[None]:
+        """Holds the cluster's exclusive lock (GATE_LOCK) while inside: one node at a time,
+        and no node claims a job meanwhile (jobs that already run go on: the caller waits
+        for `running_anywhere` to be 0). Waits for the lock while another node holds it or
+        a claim is under way, trying every GATE_POLL_SECONDS.
+
+        On a connection of its own, not the pool's: a session-level lock must stay with
+        one session, and the pool's connections are shared. Let go of when the block ends,
+        raises or is cancelled. Raises DatabaseUnavailable when the database is out of
+        reach; a lock whose connection is lost while held is gone with its session."""
+        return self._exclusive()
+
+    @asynccontextmanager
+    async def _exclusive(self) -> AsyncIterator[None]:
+        with unavailable_as_oserror():
+            connection = await psycopg.AsyncConnection.connect(
+                self._url,
+                autocommit=True,
+                connect_timeout=max(2, round(self.database.timeout)),
+                application_name=f"fa-restic {self._node} exclusive"[:63],
+            )
+        try:
+            with unavailable_as_oserror():
+                while True:
+                    cursor = await connection.execute(
+                        "SELECT pg_try_advisory_lock(%s)", (GATE_LOCK,)
+                    )
+                    row = await cursor.fetchone()
+                    if row is not None and row[0]:
+                        break
+                    await asyncio.sleep(GATE_POLL_SECONDS)
+            try:
+                yield
+            finally:
+                with contextlib.suppress(psycopg.Error):
+                    # Said, not left to the end of the session: the server ends a session a
+                    # moment after its client left, and the other nodes should claim at once.
+                    await connection.execute("SELECT pg_advisory_unlock(%s)", (GATE_LOCK,))
+        finally:
+            with contextlib.suppress(psycopg.Error):
+                await connection.close()
+
+    # -- what every node shares ----------------------------------------------------------------
+
+    async def shared(self) -> dict[str, dict[str, dict[str, Any]]]:
+        """Returns the small collections every node shares: "forget" and "meta"."""
+        return {
+            FORGETS: await self.records.every(FORGETS),
+            META: await self.records.every(META),
+        }
