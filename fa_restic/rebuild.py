@@ -147,9 +147,11 @@ async def rebuild_database(settings: Settings) -> int:
     """Replaces the database's backup records with one success record per tagged snapshot;
     returns the exit code.
 
-    Takes the one node's lock first (DatabaseStore.start): while a node runs it refuses
-    with one line (a StateError) and changes nothing. Restore records and queued forgets
-    stay as they are, and a snapshot queued to be forgotten does not come back. The backup
+    Holds the database alone first (DatabaseStore.start with `alone`: the nodes' lock,
+    which every running node holds shared, taken exclusive): while any node runs it refuses
+    with one line (a StateError) and changes nothing, and no node starts while it runs.
+    Restore records and queued forgets stay as they are, and a snapshot queued to be
+    forgotten does not come back. The backup
     records it replaces are first copied, one JSON record per line, to
     `backup-records.before-rebuild-<time>.jsonl` in the state file's folder; then one
     transaction clears them and puts the rebuilt ones, so a failure leaves them as they were.
@@ -162,7 +164,9 @@ async def rebuild_database(settings: Settings) -> int:
     assert settings.cluster is not None
     url = settings.cluster.database_url.get_secret_value()
     shown = redact(url)
-    store = DatabaseStore(url, layout=LAYOUT, node=f"{settings.cluster.node_name} rebuild-state")
+    store = DatabaseStore(
+        url, layout=LAYOUT, node=f"{settings.cluster.node_name} rebuild-state", alone=True
+    )
     try:
         collections = await store.start()
     except DatabaseInUse as error:

@@ -1,11 +1,14 @@
 """The job records in PostgreSQL for the service: a Store (fa_restic.store.protocol) over
-`Database` and `DatabaseRecords`.
+`Database` and `DatabaseRecords`, and the node's `DatabaseCoordination` beside it.
 
-This is the first, single-node step of SPEC §10: one node keeps its records in the
-database instead of the state file. Claims, leases and cancels across nodes are not built
-yet, so two nodes on one database would both run the same pending jobs. `start` therefore
-takes "the one node" lock, a session-level advisory lock on a connection of its own held
-until `stop`, and refuses to start while another process holds it.
+Several nodes share one database (SPEC §10). On a connection of its own, held until
+`stop`, each node holds two session-level advisory locks:
+
+- NODE_LOCK, shared: every running node holds it so; `rebuild-state`, which must run
+  alone, takes it exclusive (`alone=True`) and so is refused while any node runs, and no
+  node starts while it runs;
+- its name's lock, exclusive: a second process started with the same `node_name` would
+  claim, release and cancel the first one's jobs as its own, so it is refused.
 
 Every write is one transaction, committed before `write` returns; writes are committed in
 the order they were asked for (one after another), as the state file's journal appends
@@ -17,14 +20,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import re
 from collections.abc import Coroutine, Iterable
-from typing import Any, TypeVar
+from typing import Any, LiteralString, TypeVar
 
 import psycopg
 from psycopg_pool import PoolTimeout
 
+from fa_restic.cluster.coordination import DatabaseCoordination
 from fa_restic.cluster.database import Database, DatabaseUnavailable, unavailable_as_oserror
 from fa_restic.cluster.records import DatabaseRecords
 from fa_restic.store import Cleared, Collections, Layout, Operation, StateError, Store, Value
@@ -34,8 +39,14 @@ log = logging.getLogger("fa_restic.cluster")
 Found = TypeVar("Found")
 
 NODE_LOCK = 0x66612D6F6E65
-"""The advisory lock of "the one node" ("fa-one" in ASCII): held by the node that uses the
-database, as long as it runs. One key, fixed forever, other than the migrations' lock."""
+"""The nodes' advisory lock ("fa-one" in ASCII, from when one node only was allowed): held
+shared by every node that uses the database, as long as it runs, and exclusive by work that
+must run alone (rebuild-state). One key, fixed forever, other than the migrations' lock and
+the gate (records.GATE_LOCK); a node of a version that held it exclusive still keeps
+newer nodes out, and they it."""
+
+NAME_LOCK_PREFIX = "fa-restic node "
+"""What a node's name lock is derived from (name_lock)."""
 
 LOCK_ATTEMPTS = 3
 LOCK_RETRY_SECONDS = 0.5
@@ -46,19 +57,27 @@ COUNTS_DELAY = 0.5
 WATCH_SECONDS = 5.0
 """How often the node checks its lock's connection (healthz's `database`) and beats."""
 
-ONE_NODE_ONLY = "several nodes are not supported yet"
 DISPLACED = "database unavailable: another node took this node's place"
 
 OK = "ok"
 
 
 class DatabaseInUse(StateError):
-    """Another process holds the one node's lock: this node must not start."""
+    """This node must not start: another process runs under its name, or holds the
+    database alone (rebuild-state); with `alone`, some node runs."""
 
     def __init__(self, message: str, holder: str = "another process") -> None:
         super().__init__(message)
         self.holder = holder
         """Who holds the lock (application name and address), as far as one may see."""
+
+
+def name_lock(node: str) -> int:
+    """Returns the advisory lock key of a node's name: a signed 64-bit number from a hash
+    of the name, the same on every node and version (unlike PostgreSQL's hashtext, which
+    need not stay the same across its major versions)."""
+    digest = hashlib.blake2b((NAME_LOCK_PREFIX + node).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
 
 
 def redact(url: str) -> str:
@@ -95,18 +114,27 @@ class DatabaseStore:
         layout: Layout,
         node: str,
         timeout: float = 5.0,
+        lease_seconds: float = 30.0,
         counts_delay: float = COUNTS_DELAY,
         watch_seconds: float = WATCH_SECONDS,
+        alone: bool = False,
     ) -> None:
         """`layout`: the job layer's (its indexed collections are those `counts` answers).
-        `node`: this node's name, shown to an operator (pg_stat_activity, healthz).
-        `timeout`: how long an operation waits for a connection (DatabaseUnavailable)."""
+        `node`: this node's name, unique in the cluster, shown to an operator
+        (pg_stat_activity, healthz). `timeout`: how long an operation waits for a
+        connection (DatabaseUnavailable). `lease_seconds`: a node silent this long is dead
+        (the coordination's). `alone`: hold the database alone, refused while any node runs
+        (rebuild-state), instead of as one node among others."""
         self._url = url
         self.layout = layout
         self.node = node
         self.timeout = timeout
+        self.alone = alone
         self.database = Database(url, timeout=timeout, name=f"fa-restic {node}")
         self.records = DatabaseRecords(self.database)
+        self._coordination = DatabaseCoordination(
+            self.database, self.records, node, url, lease_seconds
+        )
         self._counts_delay = counts_delay
         self._watch_seconds = watch_seconds
         self._lock: psycopg.AsyncConnection[Any] | None = None
@@ -121,13 +149,21 @@ class DatabaseStore:
         self._started = False
         self._stopped = False
 
+    @property
+    def coordination(self) -> DatabaseCoordination:
+        """This node's coordination with the others, over the store's pool and records."""
+        return self._coordination
+
     # -- start and stop ----------------------------------------------------------------------
 
     async def start(self) -> Collections:
-        """Takes the one node's lock, brings the schema up to date and returns the live job
-        records, the forget queue and the meta values (finished jobs are left out).
+        """Takes the node's locks, brings the schema up to date and returns this node's
+        live job records (those the database says it runs or ran; pending jobs belong to
+        no node and are claimed), the forget queue and the meta values. With `alone`, every
+        live job record.
 
-        Raises DatabaseInUse when another node uses the database, StateError (one line, no
+        Raises DatabaseInUse when another process runs under this node's name or holds the
+        database alone (with `alone`: when any node runs), StateError (one line, no
         password) when the database cannot be reached or read; nothing is left open then.
         """
         if self._started:
@@ -137,7 +173,7 @@ class DatabaseStore:
             self._lock = await self._take_lock()
             await self.database.open()
             await self.database.migrate()
-            collections = await self.records.load()
+            collections = await self.records.load(None if self.alone else self.node)
             await self._read_counts()
         except DatabaseUnavailable as error:
             await self._release()
@@ -160,7 +196,7 @@ class DatabaseStore:
         return collections
 
     async def _connect(self) -> psycopg.AsyncConnection[Any]:
-        """Returns a connection of its own (not the pool's) for the one node's lock."""
+        """Returns a connection of its own (not the pool's) for the node's locks."""
         try:
             with unavailable_as_oserror():
                 return await psycopg.AsyncConnection.connect(
@@ -177,51 +213,85 @@ class DatabaseStore:
             raise DatabaseUnavailable(f"{error}{f' ({detail})' if detail else ''}") from cause
 
     async def _take_lock(self) -> psycopg.AsyncConnection[Any]:
-        """Returns a connection holding the one node's lock; raises DatabaseInUse when
-        another process holds it, DatabaseUnavailable when the database is out of reach."""
+        """Returns a connection holding the node's locks (with `alone`, NODE_LOCK exclusive);
+        raises DatabaseInUse when another process holds one of them, DatabaseUnavailable
+        when the database is out of reach."""
         connection = await self._connect()
         try:
             with unavailable_as_oserror():
+                refused: int | None = None
                 for attempt in range(LOCK_ATTEMPTS):
                     if attempt:
                         # A predecessor that just died or stopped: its session ends a moment
                         # after its connection.
                         await asyncio.sleep(LOCK_RETRY_SECONDS)
-                    cursor = await connection.execute(
-                        "SELECT pg_try_advisory_lock(%s)", (NODE_LOCK,)
-                    )
-                    row = await cursor.fetchone()
-                    if row is not None and row[0]:
+                    refused = await self._try_locks(connection)
+                    if refused is None:
                         return connection
-                holder = await self._holder(connection)
+                assert refused is not None
+                holder = await self._holders(connection, refused)
         except BaseException:
             await connection.close()
             raise
         await connection.close()
-        raise DatabaseInUse(
-            f"another node ({holder}) is using the database {redact(self._url)}: "
-            f"{ONE_NODE_ONLY} (stop it, or give this node a database of its own)",
-            holder,
+        raise DatabaseInUse(self._refusal(refused, holder), holder)
+
+    async def _try_locks(self, connection: psycopg.AsyncConnection[Any]) -> int | None:
+        """Takes the node's locks; returns None, or the key of a lock another process holds
+        (holding none of them then)."""
+        wanted: list[tuple[LiteralString, int]]
+        if self.alone:
+            wanted = [("SELECT pg_try_advisory_lock(%s)", NODE_LOCK)]
+        else:
+            # The name first: a node started twice is told so, even while a rebuild runs.
+            wanted = [
+                ("SELECT pg_try_advisory_lock(%s)", name_lock(self.node)),
+                ("SELECT pg_try_advisory_lock_shared(%s)", NODE_LOCK),
+            ]
+        for query, key in wanted:
+            cursor = await connection.execute(query, (key,))
+            row = await cursor.fetchone()
+            if row is None or not row[0]:
+                await connection.execute("SELECT pg_advisory_unlock_all()")
+                return key
+        return None
+
+    def _refusal(self, key: int, holder: str) -> str:
+        """Returns why this node may not start: another process holds the lock `key`."""
+        shown = redact(self._url)
+        if self.alone:
+            return f"a node ({holder}) is running on the database {shown}"
+        if key == NODE_LOCK:
+            return (
+                f"{holder} holds the database {shown} alone (rebuild-state, or a node of a "
+                "version that ran alone): wait for it to end, or stop it"
+            )
+        return (
+            f"node name {self.node!r} is in use by {holder} on the database {shown}: "
+            "give each node a name of its own ([cluster] node_name), or stop the other"
         )
 
     @staticmethod
-    async def _holder(connection: psycopg.AsyncConnection[Any]) -> str:
-        """Returns who holds the one node's lock, as far as this account may see."""
+    async def _holders(connection: psycopg.AsyncConnection[Any], key: int) -> str:
+        """Returns who holds the advisory lock `key` (application name and address, a few
+        at most), as far as this account may see."""
         cursor = await connection.execute(
-            "SELECT coalesce(nullif(activity.application_name, ''), 'unnamed')"
-            " || ' at ' || coalesce(host(activity.client_addr), 'a local socket')"
+            "SELECT string_agg(holder, ', ' ORDER BY holder) FROM ("
+            " SELECT DISTINCT coalesce(nullif(activity.application_name, ''), 'unnamed')"
+            "     || ' at ' || coalesce(host(activity.client_addr), 'a local socket') AS holder"
             " FROM pg_locks JOIN pg_stat_activity AS activity USING (pid)"
             " WHERE pg_locks.locktype = 'advisory' AND pg_locks.granted"
+            " AND pg_locks.objsubid = 1 AND pid <> pg_backend_pid()"
             " AND ((pg_locks.classid::bigint << 32) | pg_locks.objid::bigint) = %s"
-            " LIMIT 1",
-            (NODE_LOCK,),
+            " LIMIT 5) AS holders",
+            (key,),
         )
         row = await cursor.fetchone()
         return str(row[0]) if row is not None and row[0] else "another process"
 
     async def stop(self) -> None:
-        """Waits for writes under way, closes the pool, then lets go of the one node's lock
-        (no write can follow it)."""
+        """Waits for writes under way, closes the pool, then lets go of the node's locks
+        (no write can follow them)."""
         if self._stopped:
             return
         self._stopped = True
@@ -362,9 +432,9 @@ class DatabaseStore:
         self._state = state
 
     async def _watch(self) -> None:
-        """Checks now and then that the one node's lock is still this node's (its
-        connection lost, the server restarted, it is taken again) and notes the database's
-        state for healthz."""
+        """Checks now and then that the node's locks are still this node's (their
+        connection lost, the server restarted, they are taken again) and notes the
+        database's state for healthz."""
         while True:
             await asyncio.sleep(self._watch_seconds)
             try:
@@ -373,8 +443,8 @@ class DatabaseStore:
                 # Without the driver's words `_connect` adds for a start: they name the host.
                 self._note(str(error).split(" (", 1)[0])
             except DatabaseInUse as error:
-                # Writing on would be two nodes running one queue: refuse until the lock
-                # is this node's again.
+                # Writing on would be two processes running one node's jobs (or a node
+                # beside a rebuild): refuse until the locks are this node's again.
                 self._displaced = True
                 self._note(DISPLACED)
                 log.error("database: %s", error)
@@ -393,10 +463,10 @@ class DatabaseStore:
                 with contextlib.suppress(psycopg.Error):
                     await lock.close()
                 self._lock = None
-                log.warning("database: the connection holding the one node's lock was lost")
-        # The session that held the lock is gone, and its lock with it: take it again.
+                log.warning("database: the connection holding the node's locks was lost")
+        # The session that held the locks is gone, and its locks with it: take them again.
         self._lock = await self._take_lock()
-        log.info("database: the one node's lock is held again")
+        log.info("database: the node's locks are held again")
 
 
 def _conforms(store: DatabaseStore) -> Store:

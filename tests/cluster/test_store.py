@@ -1,8 +1,10 @@
-"""DatabaseStore: the job layer's Store in PostgreSQL for one node, against a real server.
+"""DatabaseStore: the job layer's Store in PostgreSQL for a node of a cluster, against a
+real server.
 
 What the job layer relies on (start, durable writes in order, fetch, pages, counts) is
 also run through the whole job layer by tests/jobs on every store; here: what only this
-store has (the one node's lock, outages, counts read in the background)."""
+store has (the nodes' locks, this node's jobs at start, outages, counts read in the
+background)."""
 
 from __future__ import annotations
 
@@ -14,8 +16,9 @@ from typing import Any
 import psycopg
 import pytest
 
+from fa_restic.cluster import store as store_module
 from fa_restic.cluster.database import DatabaseUnavailable
-from fa_restic.cluster.store import ONE_NODE_ONLY, DatabaseInUse, DatabaseStore, redact
+from fa_restic.cluster.store import DatabaseInUse, DatabaseStore, redact
 from fa_restic.jobs.records import LAYOUT
 from fa_restic.store import Clear, Delete, Put, StateError, Update
 from tests.helpers import free_port
@@ -47,40 +50,58 @@ async def store(database_url: str) -> AsyncIterator[DatabaseStore]:
     await started.stop()
 
 
-async def test_start_returns_what_a_node_keeps_in_memory(database_url: str) -> None:
+async def test_start_returns_what_this_node_keeps_in_memory(database_url: str) -> None:
     first = make_store(database_url)
     assert await first.start() == {"backup": {}, "restore": {}, "forget": {}, "meta": {}}
     await first.write(
         [
             Put("backup", "1", job(1, status="success")),
-            Put("backup", "2", job(2, status="running")),
-            Put("backup", "3", job(3, status="failed", unsettled=True)),
-            Put("restore", "1", job(1, status="pending")),
+            Put("backup", "2", job(2)),
+            Put("backup", "3", job(3)),
+            Put("restore", "1", job(1)),
             Put("forget", "ab12", {"snapshot_id": "ab12", "backup_id": 9}),
             Put("meta", "repository", {"destroyed": False}),
         ]
     )
+    await first.coordination.beat()
+    claimed = {(kind, job_id): record for kind, job_id, record in await first.coordination.claim(3)}
+    assert set(claimed) == {("backup", 2), ("backup", 3), ("restore", 1)}
+    # One ends with an attempt to settle: still this node's to settle after a restart.
+    await first.write([Update("backup", "3", {"status": "failed", "unsettled": True})])
+    await first.write([Put("backup", "4", job(4))])  # pending: no node's until claimed
     await first.stop()
 
     again = make_store(database_url)
     loaded = await again.start()
     try:
-        # As StateStore.load with the job layer's layout: finished jobs stay in the database.
+        # As StateStore.load with the job layer's layout, for this node's jobs: finished
+        # jobs stay in the database, pending ones wait to be claimed.
         assert loaded == {
             "backup": {
-                "2": job(2, status="running"),
-                "3": job(3, status="failed", unsettled=True),
+                "2": claimed[("backup", 2)],
+                "3": {**claimed[("backup", 3)], "status": "failed", "unsettled": True},
             },
-            "restore": {"1": job(1, status="pending")},
+            "restore": {"1": claimed[("restore", 1)]},
             "forget": {"ab12": {"snapshot_id": "ab12", "backup_id": 9}},
             "meta": {"repository": {"destroyed": False}},
         }
         assert await again.fetch("backup", "1") == job(1, status="success")
-        assert await again.fetch("backup", "4") is None
+        assert await again.fetch("backup", "4") == job(4)
+        assert await again.fetch("backup", "5") is None
         assert await again.fetch("backup", "not a number") is None
         # Counts are read at start: a GET /metrics right after it sees every record.
-        assert again.counts("backup") == {"success": 1, "running": 1, "failed": 1}
-        assert again.counts("restore") == {"pending": 1}
+        assert again.counts("backup") == {"success": 1, "running": 1, "failed": 1, "pending": 1}
+        assert again.counts("restore") == {"running": 1}
+
+        # Another node loads none of them: they are node-a's.
+        other = make_store(database_url, node="node-b")
+        assert await other.start() == {
+            "backup": {},
+            "restore": {},
+            "forget": loaded["forget"],
+            "meta": loaded["meta"],
+        }
+        await other.stop()
     finally:
         await again.stop()
 
@@ -127,32 +148,83 @@ async def test_a_cancelled_writer_does_not_cut_its_write_short(store: DatabaseSt
     assert await store.fetch("backup", "1") == job(1)
 
 
-async def test_a_second_node_cannot_start_while_the_first_runs(database_url: str) -> None:
+@pytest.fixture
+def quick_refusal(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A refused start tries its locks again after 0.05 s, not 0.5 s (the tests stay fast)."""
+    monkeypatch.setattr(store_module, "LOCK_RETRY_SECONDS", 0.05)
+
+
+@pytest.mark.usefixtures("quick_refusal")
+async def test_nodes_of_other_names_share_a_database_one_name_runs_once(
+    database_url: str,
+) -> None:
     # A password in the URL (the throwaway server trusts 127.0.0.1 and ignores it) must not
     # show in the refusal.
     secret_url = database_url.replace("postgresql://fa@", "postgresql://fa:s3cret-pw@")
     first = make_store(secret_url, node="node-a")
     await first.start()
     await first.write([Put("backup", "1", job(1))])
-    second = make_store(secret_url, node="node-b")
-    with pytest.raises(DatabaseInUse) as refused:
-        await second.start()
-    message = str(refused.value)
-    assert isinstance(refused.value, StateError), "the start stops as on a bad state file"
-    assert ONE_NODE_ONLY in message and "another node (fa-restic node-a" in message
-    assert "\n" not in message and "s3cret" not in message and "fa:***@" in message
-    # The refused node left nothing open, and the first goes on.
-    assert second._lock is None
-    await first.write([Put("backup", "2", job(2))])
-    assert await first.fetch("backup", "2") == job(2)
+    other = make_store(secret_url, node="node-b")
+    await other.start()
+    try:
+        # Both write, and each reads what the other wrote.
+        await other.write([Put("backup", "2", job(2))])
+        assert await first.fetch("backup", "2") == job(2)
+        assert await other.fetch("backup", "1") == job(1)
+
+        # A second process under a name in use would run that node's jobs as its own.
+        twin = make_store(secret_url, node="node-a")
+        with pytest.raises(DatabaseInUse) as refused:
+            await twin.start()
+        message = str(refused.value)
+        assert isinstance(refused.value, StateError), "the start stops as on a bad state file"
+        assert "node name 'node-a' is in use by fa-restic node-a at " in message, message
+        assert "\n" not in message and "s3cret" not in message and "fa:***@" in message
+        assert refused.value.holder.startswith("fa-restic node-a at ")
+        # The refused process left nothing open, and the nodes go on.
+        assert twin._lock is None and twin.database.pool.closed
+        await first.write([Put("backup", "3", job(3))])
+        assert await other.fetch("backup", "3") == job(3)
+    finally:
+        await other.stop()
 
     await first.stop()
-    third = make_store(secret_url, node="node-b")
-    loaded = await third.start()
+    again = make_store(secret_url, node="node-a")
+    await again.start()
+    await again.stop()
+
+
+@pytest.mark.usefixtures("quick_refusal")
+async def test_work_alone_is_refused_while_a_node_runs_and_keeps_nodes_out(
+    database_url: str,
+) -> None:
+    node = make_store(database_url, node="node-a")
+    await node.start()
     try:
-        assert set(loaded["backup"]) == {"1", "2"}
+        # rebuild-state's store: every running node holds the nodes' lock shared.
+        rebuild = make_store(database_url, node="node-a rebuild-state", alone=True)
+        with pytest.raises(DatabaseInUse) as refused:
+            await rebuild.start()
+        assert str(refused.value).startswith("a node (fa-restic node-a at "), refused.value
+        assert refused.value.holder.startswith("fa-restic node-a at ")
+        assert rebuild._lock is None
     finally:
-        await third.stop()
+        await node.stop()
+
+    alone = make_store(database_url, node="node-a rebuild-state", alone=True)
+    await alone.start()
+    try:
+        # A node started meanwhile is refused, and told who holds the database.
+        late = make_store(database_url, node="node-b")
+        with pytest.raises(DatabaseInUse) as kept_out:
+            await late.start()
+        assert "fa-restic node-a rebuild-state at " in str(kept_out.value), kept_out.value
+        assert "alone" in str(kept_out.value)
+    finally:
+        await alone.stop()
+    late = make_store(database_url, node="node-b")
+    await late.start()
+    await late.stop()
 
 
 async def test_an_unreachable_database_stops_the_start_in_one_line() -> None:
@@ -192,13 +264,13 @@ async def test_an_outage_fails_writes_and_the_node_takes_its_lock_again(
             assert "127.0.0.1" not in node.database_state
         finally:
             postgres_server.start()
-        # The session that held the one node's lock died with the server: the node takes
-        # the lock again, and says so.
+        # The session that held the node's locks died with the server: the node takes them
+        # again, and says so.
         await until(lambda: node.database_state == "ok", "healthy again", limit=20.0)
-        await until(lambda: node._lock is not None, "the lock is held again", limit=20.0)
-        other = make_store(database_url, node="node-b")
+        await until(lambda: node._lock is not None, "the locks are held again", limit=20.0)
+        twin = make_store(database_url, node="node-a")
         with pytest.raises(DatabaseInUse):
-            await other.start()
+            await twin.start()
         # Nothing of the failed write was committed.
         assert await node.fetch("backup", "1") == job(1)
     finally:
@@ -209,9 +281,9 @@ async def test_a_node_whose_place_was_taken_refuses_to_write(database_url: str) 
     node = make_store(database_url, watch_seconds=0.1)
     await node.start()
     try:
-        # Its lock's session ends (an administrator's pg_terminate_backend, a network cut)
-        # and another node starts meanwhile: the first must stop writing.
-        intruder = make_store(database_url, node="node-b")
+        # Its locks' session ends (an administrator's pg_terminate_backend, a network cut)
+        # and another process of its name starts meanwhile: the first must stop writing.
+        intruder = make_store(database_url, node="node-a")
         async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as admin:
             assert node._lock is not None
             await admin.execute("SELECT pg_terminate_backend(%s)", (node._lock.info.backend_pid,))
@@ -224,7 +296,7 @@ async def test_a_node_whose_place_was_taken_refuses_to_write(database_url: str) 
             assert await intruder.fetch("backup", "1") is None
         finally:
             await intruder.stop()
-        # Once the other node has gone, the lock is this node's again.
+        # Once the other process has gone, the locks are this node's again.
         await until(lambda: node.database_state == "ok", "the lock is back", limit=10.0)
         await node.write([Put("backup", "1", job(1))])
     finally:

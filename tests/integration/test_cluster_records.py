@@ -1,10 +1,10 @@
 """The service with `[cluster]`: its records in a real PostgreSQL (the throwaway server of
-tests/pg.py), backups and restores by the real restic on every version under test (SPEC §10,
-its first, single-node step).
+tests/pg.py), backups and restores by the real restic on every version under test (SPEC §10).
 
 A backup and a restore round trip, GETs and listing pages of the records, a restart on the
-same database, a second node refused while the first runs, and a single node's state file
-moved with `fa-restic import-state` and served in cluster mode."""
+same database, a second process under a node's name refused while it runs (a node of
+another name starts beside it), and a single node's state file moved with
+`fa-restic import-state` and served in cluster mode."""
 
 from __future__ import annotations
 
@@ -87,11 +87,17 @@ async def test_records_in_postgresql_round_trip_and_restart(
     _, page = await api.call("GET", "/restore")
     assert [item["restore_id"] for item in page["data"]["items"]] == [5]
 
-    # A second node on the same database is refused while this one runs.
-    with pytest.raises(StateError, match="several nodes are not supported yet"):
-        await make_api(
-            restic_binary, folder=tmp_path / "other", extra=cluster_table(database_url, "node-b")
-        )
+    # A second process under this node's name is refused while it runs; a node of another
+    # name starts beside it and reads the same records.
+    with pytest.raises(StateError, match="node name 'node-a' is in use by fa-restic node-a"):
+        await make_api(restic_binary, folder=tmp_path / "twin", extra=cluster_table(database_url))
+    other: Api = await make_api(
+        restic_binary, folder=tmp_path / "other", extra=cluster_table(database_url, "node-b")
+    )
+    assert (await other.job("backup", 1))["data"] == first
+    # Gone before more jobs are queued: its repository is a folder of its own, not the one
+    # the cluster's nodes would share.
+    await other.client.close()
 
     # Restarted on the same database: every record is there, and works.
     await api.client.close()
