@@ -28,6 +28,7 @@ from fa_restic.cluster.database import Database, unavailable_as_oserror
 from fa_restic.cluster.records import (
     FORGETS,
     GATE_LOCK,
+    INIT_LOCK,
     META,
     DatabaseRecords,
     job_kind,
@@ -281,23 +282,27 @@ class DatabaseCoordination:
         one session, and the pool's connections are shared. Let go of when the block ends,
         raises or is cancelled. Raises DatabaseUnavailable when the database is out of
         reach; a lock whose connection is lost while held is gone with its session."""
-        return self._exclusive()
+        return self._holding(GATE_LOCK, "exclusive")
+
+    def initialising(self) -> AbstractAsyncContextManager[None]:
+        """Holds the cluster's lock for creating the repository (INIT_LOCK) while inside:
+        nodes that start together on no repository create it once. Waits, raises and lets
+        go as `exclusive` does; claims go on meanwhile."""
+        return self._holding(INIT_LOCK, "init")
 
     @asynccontextmanager
-    async def _exclusive(self) -> AsyncIterator[None]:
+    async def _holding(self, key: int, what: str) -> AsyncIterator[None]:
         with unavailable_as_oserror():
             connection = await psycopg.AsyncConnection.connect(
                 self._url,
                 autocommit=True,
                 connect_timeout=max(2, round(self.database.timeout)),
-                application_name=f"fa-restic {self._node} exclusive"[:63],
+                application_name=f"fa-restic {self._node} {what}"[:63],
             )
         try:
             with unavailable_as_oserror():
                 while True:
-                    cursor = await connection.execute(
-                        "SELECT pg_try_advisory_lock(%s)", (GATE_LOCK,)
-                    )
+                    cursor = await connection.execute("SELECT pg_try_advisory_lock(%s)", (key,))
                     row = await cursor.fetchone()
                     if row is not None and row[0]:
                         break
@@ -308,7 +313,7 @@ class DatabaseCoordination:
                 with contextlib.suppress(psycopg.Error):
                     # Said, not left to the end of the session: the server ends a session a
                     # moment after its client left, and the other nodes should claim at once.
-                    await connection.execute("SELECT pg_advisory_unlock(%s)", (GATE_LOCK,))
+                    await connection.execute("SELECT pg_advisory_unlock(%s)", (key,))
         finally:
             with contextlib.suppress(psycopg.Error):
                 await connection.close()

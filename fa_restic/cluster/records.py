@@ -40,6 +40,11 @@ _RUNNING = JobStatus.RUNNING.value
 _FAILED = JobStatus.FAILED.value
 _CANCEL = JobStatus.CANCEL.value
 
+INIT_LOCK = 0x66612D696E6974
+"""Held by a node creating the repository ("fa-init" in ASCII): two nodes started together
+on no repository must not both run `restic init` (the second overwrites the first's keys).
+One key, fixed forever."""
+
 GATE_LOCK = 0x66612D67617465
 """The cluster's gate ("fa-gate" in ASCII): every claim takes it shared for its transaction,
 and a node doing exclusive repository work holds it exclusive (DatabaseCoordination.exclusive)
@@ -315,11 +320,13 @@ class DatabaseRecords:
     async def live(self, kind: str, node: str | None = None) -> dict[str, Value]:
         """Returns id (as text, as the store keys it) -> record of every live record of
         `kind`: pending, running or with an attempt to settle (jobs.records.is_live); with
-        `node`, only those the database says that node runs or ran."""
+        `node`, only those the database says that node runs or ran, and those of no node
+        (pending ones, and what a single node or an import left: whichever node starts
+        first takes them up)."""
         query = "SELECT id, record FROM jobs WHERE kind = %s AND live"
         params: tuple[Any, ...] = (job_kind(kind),)
         if node is not None:
-            query += " AND node = %s"
+            query += " AND (node = %s OR node IS NULL)"
             params += (node,)
         async with self.database.connection() as connection:
             cursor = await connection.execute(query + " ORDER BY id", params)

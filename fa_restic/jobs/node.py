@@ -138,7 +138,7 @@ class ClusterNode:
                     log.warning("cluster: no claims while the database is unreachable: %s", error)
             await self._fence()
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(TICK_SECONDS):
+                async with asyncio.timeout(min(TICK_SECONDS, self.options.lease_seconds / 3)):
                     await self._wake.wait()
 
     async def _beat(self) -> None:

@@ -216,6 +216,11 @@ class Coordination(Protocol):
         `running_anywhere` to be 0). Waits for the lock while another node holds it."""
         ...
 
+    def initialising(self) -> AbstractAsyncContextManager[None]:
+        """Holds the cluster's lock for creating the repository while inside (one node
+        creates it; claims go on meanwhile)."""
+        ...
+
     async def shared(self) -> dict[str, dict[str, dict[str, Any]]]:
         """Returns the small collections every node shares: "forget" and "meta"."""
         ...

@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from enum import Enum
 
@@ -52,6 +54,8 @@ class Repository:
         self.records = records
         self.lock_wait = lock_wait
         self.state = RepositoryState.UNCHECKED
+        self.serialised: Callable[[], AbstractAsyncContextManager[None]] = contextlib.nullcontext
+        """Around creating the repository: a cluster's lock (its nodes start together)."""
         self._lock = asyncio.Lock()
         self._health = Health()
         self._health_lock = asyncio.Lock()
@@ -81,7 +85,10 @@ class Repository:
         async with self._lock:
             if self.state is RepositoryState.READY:
                 return
-            created = await retry_transient(self.restic.ensure_initialised, self.lock_wait, "init")
+            async with self.serialised():
+                created = await retry_transient(
+                    self.restic.ensure_initialised, self.lock_wait, "init"
+                )
             was_destroyed = self.destroyed
             self.state = RepositoryState.READY
             self._health = Health(time.monotonic(), "ok", "ok")  # restic has just answered

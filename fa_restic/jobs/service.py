@@ -149,6 +149,7 @@ class JobService:
             options_of_node = NodeOptions(options.lease_seconds, options.max_attempts)
             self.node = ClusterNode(coordination, options_of_node, self)
             self.scheduler.gate, self.intake.queued = self.node.gate, self.node.wake
+            self.repository.serialised = coordination.initialising
         self._stopping = False
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -374,5 +375,6 @@ class JobService:
         if busy or self.upkeep.state.resting:
             return None
         if self.settling.due():
-            return ExclusiveWork("settle", self.settling.settle_all)
+            # Reads snapshots and queues forgets: other nodes' jobs may go on meanwhile.
+            return ExclusiveWork("settle", self.settling.settle_all, cluster_wide=False)
         return self.upkeep.pick()

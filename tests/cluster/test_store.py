@@ -74,12 +74,14 @@ async def test_start_returns_what_this_node_keeps_in_memory(database_url: str) -
     again = make_store(database_url)
     loaded = await again.start()
     try:
-        # As StateStore.load with the job layer's layout, for this node's jobs: finished
-        # jobs stay in the database, pending ones wait to be claimed.
+        # As StateStore.load with the job layer's layout, for this node's jobs and those of
+        # no node (the pending one: a node of a cluster leaves it to the claims); finished
+        # jobs stay in the database.
         assert loaded == {
             "backup": {
                 "2": claimed[("backup", 2)],
                 "3": {**claimed[("backup", 3)], "status": "failed", "unsettled": True},
+                "4": job(4),
             },
             "restore": {"1": claimed[("restore", 1)]},
             "forget": {"ab12": {"snapshot_id": "ab12", "backup_id": 9}},
@@ -93,10 +95,10 @@ async def test_start_returns_what_this_node_keeps_in_memory(database_url: str) -
         assert again.counts("backup") == {"success": 1, "running": 1, "failed": 1, "pending": 1}
         assert again.counts("restore") == {"running": 1}
 
-        # Another node loads none of them: they are node-a's.
+        # Another node loads none of node-a's, only the pending one of no node.
         other = make_store(database_url, node="node-b")
         assert await other.start() == {
-            "backup": {},
+            "backup": {"4": job(4)},
             "restore": {},
             "forget": loaded["forget"],
             "meta": loaded["meta"],
