@@ -15,7 +15,7 @@ from fa_restic.api.errors import ApiError, RequestRefused, envelope, forbidden
 from fa_restic.api.paths import PathRefused
 from fa_restic.api.routes import METHOD_AND_PATH_TO_ROUTE, Auth, Route
 from fa_restic.api.views import parse_body, parse_id, parse_query
-from fa_restic.jobs.errors import JobError, UnknownJob
+from fa_restic.jobs.errors import Busy, JobError, UnknownJob
 from fa_restic.names import NOT_FOUND_CODE
 from fa_restic.restic.errors import ResticError
 from fa_restic.store.errors import StoreUnavailable
@@ -66,6 +66,8 @@ def _known_failure(request: web.Request, route: Route, error: Exception) -> ApiE
         return ApiError(400, 400, route.message(str(error)))
     if isinstance(error, StoreUnavailable):  # the records' database is down: try again
         return ApiError(503, 503, route.message(f"records unavailable: {error}"))
+    if isinstance(error, Busy):
+        return ApiError(503, 503, route.message(str(error)))
     # The repository's own failure is told in full to admins only (it may name the
     # repository); on a user's route it is an unexpected failure, in the log.
     if route.auth is Auth.ADMIN and isinstance(error, ResticError):

@@ -59,6 +59,17 @@ class NodeLease:
     """Jobs running on it."""
 
 
+_TRY_LOCK: dict[bool, LiteralString] = {
+    False: "SELECT pg_try_advisory_lock(%s)",
+    True: "SELECT pg_try_advisory_lock_shared(%s)",
+}
+_UNLOCK: dict[bool, LiteralString] = {
+    False: "SELECT pg_advisory_unlock(%s)",
+    True: "SELECT pg_advisory_unlock_shared(%s)",
+}
+"""By whether the lock is taken shared."""
+
+
 class DatabaseCoordination:
     """One node's view of the cluster in its database (the job layer's Coordination)."""
 
@@ -282,16 +293,41 @@ class DatabaseCoordination:
         one session, and the pool's connections are shared. Let go of when the block ends,
         raises or is cancelled. Raises DatabaseUnavailable when the database is out of
         reach; a lock whose connection is lost while held is gone with its session."""
-        return self._holding(GATE_LOCK, "exclusive")
+        return self._holding_always(GATE_LOCK, "exclusive")
+
+    def reading(self, wait_seconds: float) -> AbstractAsyncContextManager[bool]:
+        """Holds the cluster's gate shared while inside (a browse's `restic ls`): no node
+        begins exclusive work meanwhile, claims go on. Waits up to `wait_seconds` while a
+        node holds it exclusive, trying every GATE_POLL_SECONDS; yields False, holding
+        nothing, if that node's work did not end by then. On a connection of its own (a
+        read may last seconds: the pool's few connections are for the records). Raises
+        DatabaseUnavailable."""
+        return self._reading(wait_seconds)
+
+    @asynccontextmanager
+    async def _reading(self, wait_seconds: float) -> AsyncIterator[bool]:
+        async with self._holding(GATE_LOCK, "read", shared=True, wait=wait_seconds) as held:
+            yield held
 
     def initialising(self) -> AbstractAsyncContextManager[None]:
         """Holds the cluster's lock for creating the repository (INIT_LOCK) while inside:
         nodes that start together on no repository create it once. Waits, raises and lets
         go as `exclusive` does; claims go on meanwhile."""
-        return self._holding(INIT_LOCK, "init")
+        return self._holding_always(INIT_LOCK, "init")
 
     @asynccontextmanager
-    async def _holding(self, key: int, what: str) -> AsyncIterator[None]:
+    async def _holding_always(self, key: int, what: str) -> AsyncIterator[None]:
+        async with self._holding(key, what) as held:
+            assert held  # waited for without a limit
+            yield
+
+    @asynccontextmanager
+    async def _holding(
+        self, key: int, what: str, *, shared: bool = False, wait: float | None = None
+    ) -> AsyncIterator[bool]:
+        """Yields True holding advisory lock `key` (shared or not) on a connection of its
+        own, once it is free; False, holding nothing, if it was not within `wait` seconds."""
+        deadline = None if wait is None else asyncio.get_running_loop().time() + wait
         with unavailable_as_oserror():
             connection = await psycopg.AsyncConnection.connect(
                 self._url,
@@ -302,18 +338,20 @@ class DatabaseCoordination:
         try:
             with unavailable_as_oserror():
                 while True:
-                    cursor = await connection.execute("SELECT pg_try_advisory_lock(%s)", (key,))
+                    cursor = await connection.execute(_TRY_LOCK[shared], (key,))
                     row = await cursor.fetchone()
-                    if row is not None and row[0]:
+                    held = row is not None and bool(row[0])
+                    if held or (deadline and asyncio.get_running_loop().time() >= deadline):
                         break
                     await asyncio.sleep(GATE_POLL_SECONDS)
             try:
-                yield
+                yield held
             finally:
-                with contextlib.suppress(psycopg.Error):
-                    # Said, not left to the end of the session: the server ends a session a
-                    # moment after its client left, and the other nodes should claim at once.
-                    await connection.execute("SELECT pg_advisory_unlock(%s)", (key,))
+                if held:
+                    with contextlib.suppress(psycopg.Error):
+                        # Said, not left to the end of the session: the server ends a session
+                        # a moment after its client left, and the others should go on at once.
+                        await connection.execute(_UNLOCK[shared], (key,))
         finally:
             with contextlib.suppress(psycopg.Error):
                 await connection.close()

@@ -11,3 +11,8 @@ class UnknownJob(JobError):
 
 class JobConflict(JobError):
     """The id is in use, or the job is not in a state that allows the request."""
+
+
+class Busy(Exception):
+    """The repository is busy with work that needs it alone (on another node of a cluster):
+    try again shortly. Not a refusal of the request: the API answers 503."""

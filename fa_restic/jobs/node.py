@@ -22,11 +22,12 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from fa_restic.jobs.cancelling import Canceller
+from fa_restic.jobs.errors import Busy
 from fa_restic.jobs.execution import Execution, Stop
 from fa_restic.jobs.maintenance import Upkeep
 from fa_restic.jobs.models import JobRecord
@@ -43,6 +44,9 @@ TICK_SECONDS = 1.0
 nodes is at most about this old, and a cancel asked elsewhere starts within it."""
 GATE_POLL_SECONDS = 0.5
 """How often exclusive work looks whether the jobs running on other nodes have ended."""
+READ_WAIT_SECONDS = 10.0
+"""How long a browse waits for another node's exclusive work before it answers busy (a
+waiting browse does not interrupt a prune on another node, as it does on its own)."""
 FENCE_FRACTION = 0.8
 """A node that could not renew its lease for this part of it stops its jobs: the others
 take them over once the lease is out."""
@@ -91,6 +95,7 @@ class ClusterNode:
         self._loop_task: asyncio.Task[None] | None = None
         self._cancelling: dict[JobKey, asyncio.Task[None]] = {}
         self._unreachable = False
+        self.read_wait = READ_WAIT_SECONDS
 
     @property
     def name(self) -> str:
@@ -246,7 +251,22 @@ class ClusterNode:
             if self.scheduler.task_of(key) is None:
                 self.records.let_go(key)
 
-    # -- exclusive work -----------------------------------------------------------------
+    # -- shared reads and exclusive work ---------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def reading(self) -> AsyncIterator[None]:
+        """A browse's `restic ls`: kept apart from exclusive work on this node (the
+        scheduler's `reading`) and on every other (the cluster's gate, shared). Raises Busy
+        when another node's exclusive work did not end within `read_wait` seconds."""
+        async with (
+            self.scheduler.reading(),
+            self.coordination.reading(self.read_wait) as held,
+        ):
+            if not held:
+                raise Busy(
+                    "the repository is busy with maintenance on another node: try again in a minute"
+                )
+            yield
 
     async def gate(self, work: ExclusiveWork) -> None:
         """Runs exclusive work once no node runs a job, holding the cluster's exclusive lock

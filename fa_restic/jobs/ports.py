@@ -216,6 +216,12 @@ class Coordination(Protocol):
         `running_anywhere` to be 0). Waits for the lock while another node holds it."""
         ...
 
+    def reading(self, wait_seconds: float) -> AbstractAsyncContextManager[bool]:
+        """Keeps every node's exclusive work from starting while inside (a browse's
+        `restic ls`); waits up to `wait_seconds` while one node does such work, and yields
+        False (holding nothing) if it did not end by then."""
+        ...
+
     def initialising(self) -> AbstractAsyncContextManager[None]:
         """Holds the cluster's lock for creating the repository while inside (one node
         creates it; claims go on meanwhile)."""

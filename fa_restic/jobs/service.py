@@ -150,6 +150,7 @@ class JobService:
             self.node = ClusterNode(coordination, options_of_node, self)
             self.scheduler.gate, self.intake.queued = self.node.gate, self.node.wake
             self.repository.serialised = coordination.initialising
+            self.browser.cache.reading = self.node.reading
         self._stopping = False
         self._tasks: set[asyncio.Task[None]] = set()
 

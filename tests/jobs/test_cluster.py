@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from fa_restic.cluster.store import DatabaseStore
-from fa_restic.jobs.errors import JobConflict
+from fa_restic.jobs.errors import Busy, JobConflict
 from fa_restic.jobs.intake import Caller
 from fa_restic.jobs.models import BackupRecord
 from fa_restic.jobs.records import LAYOUT
@@ -269,3 +269,39 @@ async def test_a_dead_nodes_job_runs_again_elsewhere_after_its_lease(
     record = await alive.service.records.backup(1)
     assert record is not None and record.attempts == 2
     assert alive.restic.backed_up() == [1]
+
+
+async def test_a_browse_and_another_nodes_exclusive_work_keep_apart(
+    make_node: NodeMaker, data_root: Path
+) -> None:
+    a, b = await make_node("a", max_running=0), await make_node("b")
+    for backup_id in (1, 2):
+        await b.backup(ALICE, backup_id, data_root)
+        await wait_for(partial(_is, b, backup_id, JobStatus.SUCCESS), f"backup {backup_id} ok")
+    assert b.service.node is not None
+    b.service.node.read_wait = 0.5
+
+    # While a node does exclusive work a browse on another waits, then answers busy.
+    async with a.store.coordination.exclusive():
+        with pytest.raises(Busy, match="busy with maintenance on another node"):
+            await b.service.files(ALICE, 1, "", after=None, limit=10)
+    assert b.restic.calls_of("ls") == []
+    await b.service.files(ALICE, 1, "", after=None, limit=10)
+    assert len(b.restic.calls_of("ls")) == 1, "read once the exclusive work ended"
+
+    # While a browse reads the repository no node begins exclusive work.
+    gate = b.restic.hold("ls")
+    reading = asyncio.create_task(b.service.files(ALICE, 2, "", after=None, limit=10))
+    await until(gate.entered.is_set, "the browse's ls runs", WAIT)
+    entered = asyncio.Event()
+
+    async def exclusive() -> None:
+        async with a.store.coordination.exclusive():
+            entered.set()
+
+    taking = asyncio.create_task(exclusive())
+    await asyncio.sleep(0.8)
+    assert not entered.is_set(), "exclusive work began during a read on another node"
+    gate.release()
+    assert (await reading).path == ""
+    await asyncio.wait_for(taking, WAIT)
