@@ -42,9 +42,10 @@ from tests.pg import PostgresServer
 
 NODES = ("node-a", "node-b", "node-c")
 LEASE_SECONDS = 3.0
-BIG_TREE_BYTES = 160 << 20
+BIG_TREE_BYTES = 240 << 20
 """Enough random data for a backup that still runs a few seconds after it started (restic
-reads some 100 MB/s here, less with three nodes on two CPUs)."""
+reads some 100 MB/s here, less with three nodes on two CPUs). make_random_tree puts 16 files
+of 1 MiB in each folder; `linked_copy(..., folders=n)` takes the first n of them."""
 
 MakeCluster = Callable[..., Cluster]
 
@@ -55,9 +56,12 @@ def big_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_random_tree(tmp_path_factory.mktemp("big") / "tree", BIG_TREE_BYTES)
 
 
-def linked_copy(source: Path, target: Path) -> Path:
-    """Returns `target`, a copy of `source` made of hard links (same bytes, no copying)."""
-    shutil.copytree(source, target, copy_function=os.link)
+def linked_copy(source: Path, target: Path, folders: int | None = None) -> Path:
+    """Returns `target`, a copy of `source` (its first `folders` folders, or all) made of hard
+    links: the same bytes, no copying."""
+    target.mkdir(parents=True)
+    for folder in sorted(source.iterdir())[:folders]:
+        shutil.copytree(folder, target / folder.name, copy_function=os.link)
     return target
 
 
@@ -125,6 +129,11 @@ def wait_until(check: Callable[[], Any], timeout: float, what: str, interval: fl
             return last
         time.sleep(interval)
     raise AssertionError(f"{what}: not within {timeout}s (last: {last!r})")
+
+
+def files_under(*roots: Path) -> int:
+    """Returns how many files there are below `roots` (missing ones count none)."""
+    return sum(len(files) for root in roots for _, _, files in os.walk(root))
 
 
 def database_row(database_url: str, kind: str, job_id: int) -> dict[str, Any]:
@@ -232,24 +241,31 @@ def test_records_are_shared_at_once_and_ids_are_unique_across_nodes(
     assert c.wait_status("restore", 1)["status"] == "success"
     assert_same_tree(sources["alice"], cluster.home("alice") / "early")
     started = {node.name: node.started() for node in (a, b, c)}
+    for node in (a, b, c):  # SPEC §5: no user names, paths or ids in the metrics' labels
+        text = node.metrics()
+        assert not [word for word in (*users, "/users/", 'id="') if word in text], text
     assert sorted(i for ids in started.values() for i in ids) == [1, *winners], started
 
-    # A restore on C of a backup each node made (C's own one restored on B).
-    restore_id = 10
-    for runner in (a, b, c):
+    # Restores of a backup each node made, on another node (C, or B for C's own), POSTed at
+    # once: they run side by side, on whichever nodes claim them.
+    restores: dict[int, tuple[Node, int, str]] = {}
+    for number, runner in enumerate((a, b, c), start=11):
         made_here = [i for i in started[runner.name] if i in winners]
-        if not made_here:
-            continue
-        backup_id = made_here[0]
-        owner = winners[backup_id]
-        restorer = b if runner is c else c
-        restore_id += 1
-        dst = f"restored-{backup_id}"
-        posted(restorer, "restore", restore_body(restore_id, backup_id, dst), user=owner)
-        done = restorer.wait_status("restore", restore_id)
-        assert done["status"] == "success", done
-        assert_same_tree(sources[owner], cluster.home(owner) / dst)
-    assert restore_id > 10, started
+        if made_here:
+            restores[number] = (b if runner is c else c, made_here[0], winners[made_here[0]])
+    assert restores, started
+    at_once(
+        [
+            lambda number=number, node=node, backup_id=backup_id, owner=owner: posted(  # type: ignore[misc]
+                node, "restore", restore_body(number, backup_id, f"restored-{number}"), owner
+            )
+            for number, (node, backup_id, owner) in restores.items()
+        ]
+    )
+    for number, (node, _, owner) in restores.items():
+        done = node.wait_status("restore", number)
+        assert done["status"] == "success", (number, cluster.runners("restore", number), done)
+        assert_same_tree(sources[owner], cluster.home(owner) / f"restored-{number}")
 
 
 # -- 2. claims spread, slots respected -------------------------------------------------------------
@@ -262,7 +278,7 @@ def test_every_node_claims_work_and_never_runs_more_than_its_slots(
     cluster = make_cluster(restic_binary, max_running=1)
     users = ("alice", "bob", "carol")
     for user in users:
-        linked_copy(big_tree, cluster.home(user) / "big")
+        linked_copy(big_tree, cluster.home(user) / "big", folders=6)
 
     def sample() -> dict[str, tuple[int, int]]:
         """Each node's healthz `running` and how many restic backups/restores it runs."""
@@ -285,6 +301,29 @@ def test_every_node_claims_work_and_never_runs_more_than_its_slots(
         for backup_id in range(1, 7):
             done = cluster.wait_status("backup", backup_id, timeout=120)
             assert done["status"] == "success", done
+
+        # A restore POSTed on a node whose one slot is taken runs on another node, side by
+        # side with the first (restic < 0.17 restores through a staging folder in the shared
+        # data root: one node's restore must not lose the other's).
+        posted(entries[0], "restore", restore_body(1, 1, "back"))
+        first = cluster.wait_runner("restore", 1)
+        wait_until(
+            lambda: files_under(
+                cluster.data_root / ".fa-restic-staging", cluster.home("alice") / "back"
+            ),
+            10,
+            "restore 1 writing files (staged or straight into dst)",
+            interval=0.02,
+        )
+        other = next(node for node in entries if node is not first)
+        posted(other, "restore", restore_body(2, 2, "back"), user="bob")
+        second = cluster.wait_runner("restore", 2)
+        assert first.record("restore", 1)["status"] == "running", "restore 1 ended too soon"  # type: ignore[index]
+        assert second is not first, "a node whose one slot is taken claimed a job"
+        for restore_id, user in ((1, "alice"), (2, "bob")):
+            done = cluster.wait_status("restore", restore_id, timeout=60)
+            assert done["status"] == "success", (cluster.runners("restore", restore_id), done)
+            assert_same_tree(cluster.home(user) / "big", cluster.home(user) / "back")
     assert not sampler.errors, sampler.errors[:5]
     assert len(sampler.samples) > 20, len(sampler.samples)
     for name in NODES:
@@ -324,6 +363,7 @@ def test_cancel_and_cancel_all_from_a_node_that_does_not_run_the_job(
     took = time.monotonic() - asked
     assert took <= 5, took
     wait_until(lambda: not runner.restic_children(), 5, f"{runner.name}: restic ended")
+    wait_until(lambda: not cluster.restic_processes(), 5, "no restic on the repository")
     assert runner.record("backup", 1) == other.record("backup", 1)
 
     # Every node busy with one backup; two more wait, pending.
@@ -335,6 +375,13 @@ def test_cancel_and_cancel_all_from_a_node_that_does_not_run_the_job(
     posted(cluster["node-b"], "backup", {"id": 6, "path": "small"}, user="bob")
     for backup_id in (2, 3, 4):
         cluster.wait_status("backup", backup_id, {"running"}, timeout=10)
+    # SPEC §10: the progress of a job running on another node is at most 2 s old.
+    remote = next(i for i, node in busy.items() if node is not cluster["node-a"])
+    wait_until(
+        lambda: cluster["node-a"].record("backup", remote)["progress"]["bytes_done"] > 0,  # type: ignore[index]
+        4,
+        f"node-a shows the progress of backup {remote} running on {busy[remote].name}",
+    )
     assert cluster["node-c"].record("backup", 5)["status"] == "pending"  # type: ignore[index]
     # A pending job cancelled from any node: `cancel` at once.
     answer = cluster["node-c"].call("POST", "/backup/cancel", {"id": 5})
