@@ -451,6 +451,8 @@ class DatabaseStore:
             else:
                 self._displaced = False
                 self._note(OK)
+                # Other nodes write too: their jobs are counted within a watch or so.
+                self._counts_later()
 
     async def _check_lock(self) -> None:
         lock = self._lock

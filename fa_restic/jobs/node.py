@@ -24,13 +24,13 @@ import logging
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from fa_restic.jobs.cancelling import Canceller
 from fa_restic.jobs.errors import Busy
 from fa_restic.jobs.execution import Execution, Stop
 from fa_restic.jobs.maintenance import Upkeep
-from fa_restic.jobs.models import JobRecord
+from fa_restic.jobs.models import BackupRecord, JobRecord
 from fa_restic.jobs.ports import ClusterJob, Coordination, NodeLease, ResticRunner
 from fa_restic.jobs.records import JobKey, Records, key_of, record_of
 from fa_restic.jobs.repository import Repository
@@ -164,6 +164,7 @@ class ClusterNode:
                 job_id,
                 value.get("status"),
             )
+            self._settle_here(kind, value)
         shared = await coordination.shared()
         if self.scheduler.exclusive_name is None:  # exclusive work reads its own copy
             self.upkeep.load(shared)
@@ -179,11 +180,21 @@ class ClusterNode:
                 value.get("status"),
                 value.get("extra", ""),
             )
+            self._settle_here(kind, value)
         if requeued:
             self.wake()
             # The dead node's restic had no time to remove its lock if it was killed too.
             task = asyncio.create_task(self.restic.remove_stale_locks())
             task.add_done_callback(lambda done: done.cancelled() or done.exception())
+
+    def _settle_here(self, kind: str, value: dict[str, Any]) -> None:
+        """Takes up a backup that ended with an attempt to settle (its node died after a
+        cancel was asked): this node's maintenance settles it (Settling.due). One that
+        runs again is settled by whichever node claims it."""
+        record = record_of(kind, value)
+        if isinstance(record, BackupRecord) and record.unsettled and record.status.is_terminal:
+            self.records.adopt(record)
+            self.scheduler.wake()
 
     def _note_nodes(self, leases: Sequence[NodeLease]) -> None:
         self.nodes_alive = sum(1 for lease in leases if lease.alive)
