@@ -26,7 +26,7 @@ from fa_restic.jobs.restore import make_folder, run_restore
 from fa_restic.jobs.retry import retry_transient
 from fa_restic.jobs.staging import staged_restore
 from fa_restic.metrics import Metrics
-from fa_restic.names import JobStatus, home_of, users_root
+from fa_restic.names import JobKind, JobStatus, home_of, users_root
 from fa_restic.restic import runner
 from fa_restic.restic.client import RestoreResult
 from fa_restic.restic.errors import ResticError
@@ -36,6 +36,9 @@ from fa_restic.store import Operation
 log = logging.getLogger("fa_restic.jobs")
 
 StopReason = Literal["cancel", "shutdown"]
+
+MAX_RUNNING_LISTED = 10_000
+"""More restores than any cluster runs at once."""
 
 
 @dataclass(frozen=True)
@@ -242,11 +245,13 @@ class Execution:
             except TooManyNodes as error:
                 staged_because = str(error)
         log.info("restore %d: staged (%s)", record.id, staged_because)
-        running = [
-            other.id
-            for other in self.records.restores.values()
-            if other.status is JobStatus.RUNNING
-        ]
+        # Restores running on any node (a cluster's share the data root): their staging
+        # folders are not leftovers.
+        elsewhere, _ = await self.records.page(
+            JobKind.RESTORE, status=JobStatus.RUNNING, limit=MAX_RUNNING_LISTED
+        )
+        running = [other.id for other in self.records.restores.values()]
+        running += [other.id for other in elsewhere]
 
         async def restore_into(staging: Path) -> RestoreResult:
             return await retry_transient(
