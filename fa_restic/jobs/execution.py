@@ -117,6 +117,8 @@ class Execution:
         self.settle_claimed = settle_claimed
         self.progress: dict[JobKey, Progress] = {}
         self.stops: dict[JobKey, Stop] = {}
+        self.after_stop = "runs again after the restart"
+        """What a job interrupted by a stop of the service says of what comes next."""
         self.claimed: set[JobKey] = set()
         """Jobs a cluster's claim made running on this node, to be run as they are."""
 
@@ -334,7 +336,7 @@ class Execution:
             # The service stopped, not the job: this try does not count.
             record.move_to(
                 JobStatus.PENDING,
-                extra="interrupted by a stop of the service; runs again after the restart",
+                extra=f"interrupted by a stop of the service; {self.after_stop}",
             )
             record.attempts -= 1
             self.progress.pop(key, None)

@@ -26,9 +26,11 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from fa_restic.jobs.browse import Browser
 from fa_restic.jobs.cancelling import Canceller
 from fa_restic.jobs.errors import Busy
 from fa_restic.jobs.execution import Execution, Stop
+from fa_restic.jobs.intake import Intake
 from fa_restic.jobs.maintenance import Upkeep
 from fa_restic.jobs.models import BackupRecord, JobRecord
 from fa_restic.jobs.ports import ClusterJob, Coordination, NodeLease, ResticRunner
@@ -71,6 +73,13 @@ class Parts(Protocol):
     metrics: Metrics
 
 
+class Pluggable(Parts, Protocol):
+    """The parts a node plugs itself into (`plug_into`)."""
+
+    intake: Intake
+    browser: Browser
+
+
 class ClusterNode:
     """This node's part in the cluster; `start` after the scheduler, `stop` before it."""
 
@@ -96,6 +105,17 @@ class ClusterNode:
         self._cancelling: dict[JobKey, asyncio.Task[None]] = {}
         self._unreachable = False
         self.read_wait = READ_WAIT_SECONDS
+
+    def plug_into(self, parts: Pluggable) -> None:
+        """Puts this node where the job layer's parts act for a cluster: exclusive work
+        through the cluster's gate, claims on new jobs and freed slots, the repository
+        created once, browses kept apart from other nodes' exclusive work."""
+        parts.scheduler.gate = self.gate
+        parts.scheduler.slot_freed = self.wake
+        parts.intake.queued = self.wake
+        parts.repository.serialised = self.coordination.initialising
+        parts.browser.cache.reading = self.reading
+        parts.execution.after_stop = "runs again on another node, or here after the restart"
 
     @property
     def name(self) -> str:

@@ -92,6 +92,8 @@ class Scheduler:
     ) -> None:
         self._max_running = max_running
         self.gate = gate
+        self.slot_freed: Callable[[], None] = lambda: None
+        """Told when a job ended (a cluster's node claims the next one at once)."""
         self._run_job = run_job
         self._pick_maintenance = pick_maintenance
         self._idle_poll_seconds = idle_poll_seconds
@@ -309,6 +311,7 @@ class Scheduler:
             if self._running.get(key) is task:
                 del self._running[key]
             self.wake()
+            self.slot_freed()
 
         task.add_done_callback(done)
 

@@ -148,9 +148,7 @@ class JobService:
         if coordination is not None:
             options_of_node = NodeOptions(options.lease_seconds, options.max_attempts)
             self.node = ClusterNode(coordination, options_of_node, self)
-            self.scheduler.gate, self.intake.queued = self.node.gate, self.node.wake
-            self.repository.serialised = coordination.initialising
-            self.browser.cache.reading = self.node.reading
+            self.node.plug_into(self)
         self._stopping = False
         self._tasks: set[asyncio.Task[None]] = set()
 
