@@ -252,7 +252,7 @@ class ClusterNode:
             key = (kind, job_id)
             self.records.adopt(record)
             self.execution.claimed.add(key)
-            self.scheduler.enqueue(key, record.sequence, record.user)
+            self.scheduler.start_now(key)
             log.info("%s %d: claimed by node %s", kind, job_id, self.name)
         self.jobs_waiting = bool(claimed) or await self.coordination.pending_exists()
 

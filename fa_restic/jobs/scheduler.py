@@ -127,6 +127,15 @@ class Scheduler:
         self._queued[key] = user
         self.wake()
 
+    def start_now(self, key: JobKey) -> None:
+        """Starts a job at once, outside the line (a cluster's claim: the database gave it
+        its turn, and this node has the slot); one already running is left as it is.
+
+        Not queued, so that exclusive work this node is asked for meanwhile cannot hold it
+        back while it counts as running for every node (the cluster's gate waits for it)."""
+        if key not in self._running:
+            self._start_job(key)
+
     def dequeue(self, key: JobKey) -> bool:
         """Removes a job that has not started; returns False if it was not queued."""
         user = self._queued.pop(key, None)
