@@ -101,12 +101,8 @@ class Canceller:
                 return [found[key] for key in keys]
             await asyncio.sleep(POLL_SECONDS)
 
-    async def cancel_all(
-        self, candidates: Sequence[JobRecord], by: str, user: str | None = None
-    ) -> list[int]:
+    async def cancel_all(self, candidates: Sequence[JobRecord], by: str) -> list[int]:
         """Cancels every active job among `candidates`; returns the ids now `cancel`, sorted.
-        In a cluster, also the pending jobs and those running on other nodes of `kind` of
-        `user` (None: of everyone), where `kind` is that of the candidates.
 
         Pending jobs are cancelled CANCEL_CHUNK at a time, with the event loop given back
         in between, so that 50,000 of them never hold it for long; the scheduler starts
@@ -189,12 +185,6 @@ class Canceller:
         key = key_of(record)
         task = self.scheduler.task_of(key)
         if task is None:
-            if record.status is JobStatus.RUNNING and self.scheduler.dequeue(key):
-                # A cluster's claim queued it here, and it has not started yet.
-                self.execution.claimed.discard(key)
-                record.move_to(JobStatus.CANCEL, extra=f"cancelled by {by} before it started")
-                await self.records.save(record)
-                self.metrics.job_finished(key[0], record)
             return
         await self.execution.interrupt(key, task, Stop("cancel", by))
         if record.status is JobStatus.PENDING:  # cancelled before its task began to run
