@@ -110,6 +110,21 @@ def held(nodes: list[Node], key: str) -> list[Gate]:
     return [node.restic.hold(key) for node in nodes]
 
 
+def release(gates: dict[int, list[Gate]]) -> None:
+    for node_gates in gates.values():
+        for gate in node_gates:
+            gate.release()
+
+
+async def held_running(node: Node, backup_id: int, data_root: Path) -> Gate:
+    """Posts alice's backup `backup_id` on `node` and returns the gate holding its restic,
+    once it runs there (the test gives no other node a slot)."""
+    (gate,) = held([node], f"backup:{backup_id}")
+    await node.backup(ALICE, backup_id, data_root)
+    await until(gate.entered.is_set, f"backup {backup_id} runs on {node.name}", WAIT)
+    return gate
+
+
 async def test_a_job_posted_on_one_node_is_seen_and_run_by_the_cluster(
     make_node: NodeMaker, data_root: Path
 ) -> None:
@@ -158,9 +173,7 @@ async def test_each_node_claims_at_most_its_slots_and_every_node_takes_some(
     # Fair between users: alice's second job waits for bob's first.
     running = {job_id for job_id in (1, 2, 3) if a.runs(job_id) or b.runs(job_id)}
     assert running == {1, 2}
-    for node_gates in gates.values():
-        for gate in node_gates:
-            gate.release()
+    release(gates)
     for job_id in (1, 2, 3):
         await wait_for(partial(_is, a, job_id, JobStatus.SUCCESS), f"backup {job_id} ok")
 
@@ -169,9 +182,7 @@ async def test_a_job_running_on_one_node_is_cancelled_from_the_other(
     make_node: NodeMaker, data_root: Path
 ) -> None:
     a, b = await make_node("a"), await make_node("b", max_running=0)
-    (gate,) = held([a], "backup:1")
-    await a.backup(ALICE, 1, data_root)
-    await until(gate.entered.is_set, "backup 1 runs on a", WAIT)
+    gate = await held_running(a, 1, data_root)
 
     started = asyncio.get_running_loop().time()
     cancelled = await b.service.cancel(ALICE, JobKind.BACKUP, 1)
@@ -186,9 +197,7 @@ async def test_a_pending_job_is_cancelled_from_any_node_and_never_runs(
 ) -> None:
     a = await make_node("a", max_running=1)
     b = await make_node("b", max_running=0)
-    (gate,) = held([a], "backup:1")
-    await a.backup(ALICE, 1, data_root)
-    await until(gate.entered.is_set, "backup 1 runs", WAIT)
+    gate = await held_running(a, 1, data_root)
     await b.backup(ALICE, 2, data_root)  # waits: a's one slot is taken, b has none
 
     cancelled = await b.service.cancel(ALICE, JobKind.BACKUP, 2)
@@ -213,14 +222,11 @@ async def test_cancel_all_reaches_every_node_and_only_the_callers_jobs(
     await until(lambda: b.service.scheduler.running_count == 1, "b runs one", WAIT)
 
     cancelled = await b.service.cancel_all(ALICE, JobKind.BACKUP)
-    assert cancelled == [1, 2, 3] or set(cancelled) <= {1, 2, 3}
     statuses = {job_id: await a.status(JobKind.BACKUP, job_id) for job_id in (1, 2, 3, 4)}
     assert all(statuses[job_id] is JobStatus.CANCEL for job_id in (1, 2, 3)), statuses
     assert sorted(cancelled) == [1, 2, 3]
     assert statuses[4] is not JobStatus.CANCEL
-    for node_gates in gates.values():
-        for gate in node_gates:
-            gate.release()
+    release(gates)
     await wait_for(lambda: _is(b, 4, JobStatus.SUCCESS), "bob's backup ok")
 
 
@@ -228,9 +234,7 @@ async def test_exclusive_work_waits_for_the_jobs_of_every_node(
     make_node: NodeMaker, data_root: Path
 ) -> None:
     a, b = await make_node("a"), await make_node("b", max_running=0)
-    (gate,) = held([a], "backup:1")
-    await a.backup(ALICE, 1, data_root)
-    await until(gate.entered.is_set, "backup 1 runs on a", WAIT)
+    gate = await held_running(a, 1, data_root)
 
     ran: list[bool] = []
 
