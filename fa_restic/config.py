@@ -106,6 +106,9 @@ class ClusterSettings(_Section):
         default_factory=lambda: socket.gethostname()[:63] or "node"
     )
     lease_seconds: Annotated[float, Field(gt=0, le=3600)] = 30.0
+    finished_in_memory: Annotated[int, Field(ge=0, le=10_000_000)] = 100_000
+    """Finished job records each node holds in memory (about 0.5 KB each), so that a GET
+    of one needs no round trip to the database; 0: none."""
 
 
 class Settings(_Section):

@@ -57,6 +57,7 @@ def _store(settings: Settings) -> Store:
         layout=LAYOUT,
         node=settings.cluster.node_name,
         lease_seconds=settings.cluster.lease_seconds,
+        finished_in_memory=settings.cluster.finished_in_memory,
     )
 
 

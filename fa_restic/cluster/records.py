@@ -25,6 +25,7 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from fa_restic.cluster.database import Connection, Database
+from fa_restic.cluster.finished import FinishedRecords
 from fa_restic.names import JobKind, JobStatus
 from fa_restic.store import Clear, Cleared, Delete, Operation, Put, Update, Value
 
@@ -54,6 +55,11 @@ lock and the store's locks."""
 _RECORD_AND_PROGRESS = sql.SQL("record, CASE WHEN status = 'running' THEN progress END")
 """A job's columns as `read` and `page` select them: the progress only of a running job
 (a finished job's last progress may linger in its row)."""
+
+_READ_JOB = sql.SQL("SELECT {}, live FROM jobs WHERE kind = %s AND id = %s").format(
+    _RECORD_AND_PROGRESS
+)
+"""One job's record, its progress, and whether it is live (a finished one may be held)."""
 
 LINE_LOOKAHEAD = 4
 """A claim of n slots considers the 4·n users at the head of the line: enough when other
@@ -157,8 +163,11 @@ def _statement(operation: Operation) -> tuple[sql.Composed, tuple[Any, ...]]:
 class DatabaseRecords:
     """The records of every node, and the claims and leases that share the work."""
 
-    def __init__(self, database: Database) -> None:
+    def __init__(self, database: Database, finished: FinishedRecords | None = None) -> None:
+        """`finished`: the finished records this node holds in memory, if any: `read`
+        answers from them, and `write` returns once every node forgot those it changed."""
         self.database = database
+        self.finished = finished
 
     # -- writing -------------------------------------------------------------------------
 
@@ -211,6 +220,9 @@ class DatabaseRecords:
                 async with connection.cursor() as cursor:
                     await cursor.executemany(query, [params for _, params in statements[start:end]])
                 start = end
+            changed = await _finished_changed(connection)
+        if changed and self.finished is not None:
+            await self.finished.changed()
         return cleared
 
     async def next_sequence(self) -> int:
@@ -236,30 +248,41 @@ class DatabaseRecords:
         """Returns one record, or None; raises ValueError for an unknown collection.
 
         A running job's record has the live progress its node published (share_progress)
-        as "progress"."""
+        as "progress". A finished job's record is answered from this node's memory when it
+        holds it (`finished`), and held once read."""
         table = _table(collection)
+        if table is _JOBS:
+            try:
+                job_id = int(key)
+            except ValueError:
+                return None
+            return await self._read_job(collection, job_id)
+        query = sql.SQL("SELECT {value} FROM {table} WHERE {key} = %s").format(
+            value=sql.Identifier(table.value),
+            table=sql.Identifier(table.name),
+            key=sql.Identifier(table.key),
+        )
         async with self.database.connection() as connection:
-            if table is _JOBS:
-                try:
-                    job_id = int(key)
-                except ValueError:
-                    return None
-                cursor = await connection.execute(
-                    sql.SQL("SELECT {} FROM jobs WHERE kind = %s AND id = %s").format(
-                        _RECORD_AND_PROGRESS
-                    ),
-                    (collection, job_id),
-                )
-                row = await cursor.fetchone()
-                return None if row is None else _with_progress(row[0], row[1])
-            query = sql.SQL("SELECT {value} FROM {table} WHERE {key} = %s").format(
-                value=sql.Identifier(table.value),
-                table=sql.Identifier(table.name),
-                key=sql.Identifier(table.key),
-            )
             cursor = await connection.execute(query, (str(key),))
             row = await cursor.fetchone()
         return None if row is None else dict(row[0])
+
+    async def _read_job(self, kind: str, job_id: int) -> Value | None:
+        finished = self.finished
+        if finished is not None:
+            held = finished.get(kind, job_id)
+            if held is not None:
+                return held
+            generation = finished.generation
+        async with self.database.connection() as connection:
+            cursor = await connection.execute(_READ_JOB, (kind, job_id))
+            row = await cursor.fetchone()
+        if row is None:
+            return None
+        record, progress, live = row
+        if finished is not None and not live:
+            finished.hold(kind, job_id, record, generation)
+        return _with_progress(record, progress)
 
     async def page(
         self,
@@ -331,6 +354,19 @@ class DatabaseRecords:
         async with self.database.connection() as connection:
             cursor = await connection.execute(query + " ORDER BY id", params)
             return {str(job_id): dict(record) for job_id, record in await cursor.fetchall()}
+
+    async def finished_page(
+        self, kind: str, before: int | None, limit: int
+    ) -> list[tuple[int, Value]]:
+        """Returns up to `limit` (id, record) of `kind`'s records that are not live, with an
+        id below `before` (any, if None), highest id first."""
+        async with self.database.connection() as connection:
+            cursor = await connection.execute(
+                "SELECT id, record FROM jobs WHERE kind = %s AND NOT live AND id < %s"
+                " ORDER BY id DESC LIMIT %s",
+                (job_kind(kind), before if before is not None else 2**63 - 1, limit),
+            )
+            return [(int(job_id), record) for job_id, record in await cursor.fetchall()]
 
     async def every(self, collection: str) -> dict[str, Value]:
         """Returns key -> record of every record of a small collection (forget, meta)."""
@@ -623,6 +659,16 @@ def _interrupted(
             "not tried again"
         )
     return changed
+
+
+async def _finished_changed(connection: Connection) -> bool:
+    """Returns whether the transaction under way changed a finished job record (told by
+    sql/004_finished_changes.sql's trigger)."""
+    cursor = await connection.execute(
+        "SELECT coalesce(current_setting('fa_restic.finished_changed', true), '') <> ''"
+    )
+    row = await cursor.fetchone()
+    return row is not None and bool(row[0])
 
 
 def _with_progress(record: Value, progress: Value | None) -> Value:

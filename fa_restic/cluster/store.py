@@ -23,6 +23,7 @@ import contextlib
 import hashlib
 import logging
 import re
+import time
 from collections.abc import Coroutine, Iterable
 from typing import Any, LiteralString, TypeVar
 
@@ -31,6 +32,7 @@ from psycopg_pool import PoolTimeout
 
 from fa_restic.cluster.coordination import DatabaseCoordination
 from fa_restic.cluster.database import Database, DatabaseUnavailable, unavailable_as_oserror
+from fa_restic.cluster.finished import DEFAULT_LIMIT, FinishedRecords
 from fa_restic.cluster.records import DatabaseRecords
 from fa_restic.store import Cleared, Collections, Layout, Operation, StateError, Store, Value
 
@@ -55,6 +57,8 @@ COUNTS_DELAY = 0.5
 """How long after a write the counts are read again: writes meanwhile share one read."""
 
 WATCH_SECONDS = 5.0
+PRELOAD_PAGE = 2000
+"""Finished records read at a time at start (cluster.finished)."""
 """How often the node checks its lock's connection (healthz's `database`) and beats."""
 
 DISPLACED = "database unavailable: another node took this node's place"
@@ -118,10 +122,12 @@ class DatabaseStore:
         counts_delay: float = COUNTS_DELAY,
         watch_seconds: float = WATCH_SECONDS,
         alone: bool = False,
+        finished_in_memory: int = DEFAULT_LIMIT,
     ) -> None:
         """`layout`: the job layer's (its indexed collections are those `counts` answers).
         `node`: this node's name, unique in the cluster, shown to an operator
-        (pg_stat_activity, healthz). `timeout`: how long an operation waits for a
+        (pg_stat_activity, healthz). `finished_in_memory`: finished job records held in
+        memory (cluster.finished). `timeout`: how long an operation waits for a
         connection (DatabaseUnavailable). `lease_seconds`: a node silent this long is dead
         (the coordination's). `alone`: hold the database alone, refused while any node runs
         (rebuild-state), instead of as one node among others."""
@@ -131,7 +137,13 @@ class DatabaseStore:
         self.timeout = timeout
         self.alone = alone
         self.database = Database(url, timeout=timeout, name=f"fa-restic {node}")
-        self.records = DatabaseRecords(self.database)
+        # A process holding the database alone (rebuild-state) answers no GET.
+        self.finished = (
+            None
+            if alone or finished_in_memory <= 0
+            else FinishedRecords(url, self.database, node, limit=finished_in_memory)
+        )
+        self.records = DatabaseRecords(self.database, self.finished)
         self._coordination = DatabaseCoordination(
             self.database, self.records, node, url, lease_seconds
         )
@@ -142,6 +154,7 @@ class DatabaseStore:
         self._counts_task: asyncio.Task[None] | None = None
         self._counts_stale = False
         self._watch_task: asyncio.Task[None] | None = None
+        self._preload_task: asyncio.Task[None] | None = None
         self._writing = asyncio.Lock()
         self._writes: set[asyncio.Task[Cleared]] = set()
         self._state = OK
@@ -186,6 +199,9 @@ class DatabaseStore:
             await self._release()
             raise
         self._watch_task = asyncio.create_task(self._watch(), name="database watch")
+        if self.finished is not None:
+            self.finished.start()
+            self._preload_task = asyncio.create_task(self._preload(), name="finished records")
         log.info(
             "records in PostgreSQL (%s), node %s: %d backups and %d restores live",
             redact(self._url),
@@ -295,11 +311,13 @@ class DatabaseStore:
         if self._stopped:
             return
         self._stopped = True
-        for task in (self._watch_task, self._counts_task):
+        for task in (self._watch_task, self._counts_task, self._preload_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        if self.finished is not None:
+            await self.finished.stop()
         if self._writes:
             await asyncio.gather(*self._writes, return_exceptions=True)
         await self._release()
@@ -415,6 +433,34 @@ class DatabaseStore:
     async def _read_counts(self) -> None:
         for name in sorted(self.layout.indexed):
             self._counts[name] = await self.records.counts(name)
+
+    # -- finished records in memory ----------------------------------------------------------
+
+    async def _preload(self) -> None:
+        """Holds the newest finished records, up to the limit, page by page in the
+        background: a start does not wait for them, and a GET of one not held yet reads it."""
+        finished = self.finished
+        assert finished is not None
+        await finished.listening()
+        started = time.monotonic()
+        for kind in sorted(self.layout.indexed):
+            before: int | None = None
+            while len(finished) < finished.limit:
+                generation = finished.generation
+                try:
+                    page = await self.records.finished_page(kind, before, PRELOAD_PAGE)
+                except DatabaseUnavailable:
+                    return  # the GETs fill it, once the database is back
+                for job_id, record in page:  # newest first: each goes before the others
+                    finished.hold(kind, job_id, record, generation, first_to_go=True)
+                if len(page) < PRELOAD_PAGE:
+                    break
+                before = page[-1][0]
+        log.info(
+            "finished records: %d held in memory, read in %.1f s",
+            len(finished),
+            time.monotonic() - started,
+        )
 
     # -- health -----------------------------------------------------------------------------
 
