@@ -38,6 +38,7 @@ from fa_restic.jobs.records import JobKey, Records, key_of, record_of
 from fa_restic.jobs.repository import Repository
 from fa_restic.jobs.scheduler import ExclusiveWork, Scheduler
 from fa_restic.metrics import Metrics
+from fa_restic.names import JobStatus
 
 log = logging.getLogger("fa_restic.jobs")
 
@@ -227,6 +228,8 @@ class ClusterNode:
         progress = {key: value.model_dump() for key, value in self.execution.progress.items()}
         if progress:
             await self.coordination.share_progress(progress)
+        if not self.records.with_status(JobStatus.RUNNING):
+            return  # a cancel is asked only of a job running here
         for kind, job_id, by in await self.coordination.cancel_requests():
             key = (kind, job_id)
             record = self.records.of(kind).get(job_id)
@@ -246,7 +249,9 @@ class ClusterNode:
 
     async def _claim(self) -> None:
         slots = self.scheduler.free_slots if self._claiming and self.scheduler.accepts_jobs else 0
-        claimed = await self.coordination.claim(slots) if slots else []
+        # One round trip a tick when nothing waits: an idle cluster hardly loads its database.
+        self.jobs_waiting = await self.coordination.pending_exists()
+        claimed = await self.coordination.claim(slots) if slots and self.jobs_waiting else []
         for kind, job_id, value in claimed:
             record = record_of(kind, value)
             key = (kind, job_id)
@@ -254,7 +259,6 @@ class ClusterNode:
             self.execution.claimed.add(key)
             self.scheduler.start_now(key)
             log.info("%s %d: claimed by node %s", kind, job_id, self.name)
-        self.jobs_waiting = bool(claimed) or await self.coordination.pending_exists()
 
     async def _fence(self) -> None:
         """Stops this node's jobs once it could not renew its lease for most of it."""
