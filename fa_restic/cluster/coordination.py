@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Collection, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, LiteralString
@@ -24,7 +24,7 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from fa_restic.cluster.database import Database, unavailable_as_oserror
+from fa_restic.cluster.database import Connection, Database, unavailable_as_oserror
 from fa_restic.cluster.records import (
     FORGETS,
     GATE_LOCK,
@@ -89,6 +89,7 @@ class DatabaseCoordination:
         self._node = node
         self._url = url
         self.lease_seconds = lease_seconds
+        self._reads = _SharedGate(lambda: self._connect("read"))
 
     @property
     def node(self) -> str:
@@ -299,15 +300,14 @@ class DatabaseCoordination:
         """Holds the cluster's gate shared while inside (a browse's `restic ls`): no node
         begins exclusive work meanwhile, claims go on. Waits up to `wait_seconds` while a
         node holds it exclusive, trying every GATE_POLL_SECONDS; yields False, holding
-        nothing, if that node's work did not end by then. On a connection of its own (a
-        read may last seconds: the pool's few connections are for the records). Raises
-        DatabaseUnavailable."""
-        return self._reading(wait_seconds)
+        nothing, if that node's work did not end by then.
 
-    @asynccontextmanager
-    async def _reading(self, wait_seconds: float) -> AsyncIterator[bool]:
-        async with self._holding(GATE_LOCK, "read", shared=True, wait=wait_seconds) as held:
-            yield held
+        Every read under way on this node shares one connection holding the gate (one user
+        opening many browses would otherwise use up the server's connections): the first
+        opens it, the last closes it. Not the pool's: a read may last seconds, and the
+        pool's few connections are for the records. Let go of when the block ends, raises
+        or is cancelled. Raises DatabaseUnavailable."""
+        return self._reads.reading(wait_seconds)
 
     def initialising(self) -> AbstractAsyncContextManager[None]:
         """Holds the cluster's lock for creating the repository (INIT_LOCK) while inside:
@@ -328,13 +328,7 @@ class DatabaseCoordination:
         """Yields True holding advisory lock `key` (shared or not) on a connection of its
         own, once it is free; False, holding nothing, if it was not within `wait` seconds."""
         deadline = None if wait is None else asyncio.get_running_loop().time() + wait
-        with unavailable_as_oserror():
-            connection = await psycopg.AsyncConnection.connect(
-                self._url,
-                autocommit=True,
-                connect_timeout=max(2, round(self.database.timeout)),
-                application_name=f"fa-restic {self._node} {what}"[:63],
-            )
+        connection = await self._connect(what)
         try:
             with unavailable_as_oserror():
                 while True:
@@ -356,6 +350,17 @@ class DatabaseCoordination:
             with contextlib.suppress(psycopg.Error):
                 await connection.close()
 
+    async def _connect(self, what: str) -> Connection:
+        """Returns a new connection in autocommit for holding a lock, named after this node
+        and `what` in pg_stat_activity. Raises DatabaseUnavailable."""
+        with unavailable_as_oserror():
+            return await psycopg.AsyncConnection.connect(
+                self._url,
+                autocommit=True,
+                connect_timeout=max(2, round(self.database.timeout)),
+                application_name=f"fa-restic {self._node} {what}"[:63],
+            )
+
     # -- what every node shares ----------------------------------------------------------------
 
     async def shared(self) -> dict[str, dict[str, dict[str, Any]]]:
@@ -364,3 +369,167 @@ class DatabaseCoordination:
             FORGETS: await self.records.every(FORGETS),
             META: await self.records.every(META),
         }
+
+
+@dataclass(eq=False)
+class _Hold:
+    """A connection holding the gate shared, and how many reads are inside on it."""
+
+    connection: Connection
+    readers: int
+
+
+class _SharedGate:
+    """The gate held shared for every read under way on one node, on one connection.
+
+    The first reader starts an attempt (a task) that opens the connection and tries the
+    lock every GATE_POLL_SECONDS for every reader waiting; readers that come meanwhile wait
+    for that attempt, each until its own deadline. Once held, readers join the hold; the last
+    to leave unlocks and closes. A hold whose connection turns out lost is left to the reads
+    already inside it (the lock went with its session), and the next reader takes a new one.
+    """
+
+    def __init__(self, connect: Callable[[], Awaitable[Connection]]) -> None:
+        """`connect`: opens a new connection for the lock (raises DatabaseUnavailable)."""
+        self._connect = connect
+        self._hold: _Hold | None = None
+        self._attempt: asyncio.Task[None] | None = None
+        self._waiters: dict[asyncio.Future[_Hold | None], float] = {}
+        """The readers waiting for the attempt: what each is given, and its deadline."""
+        self._letting_go: set[asyncio.Task[None]] = set()
+
+    @asynccontextmanager
+    async def reading(self, wait_seconds: float) -> AsyncIterator[bool]:
+        """Yields True inside the hold, False (holding nothing) if the gate was not free
+        within `wait_seconds`. Raises DatabaseUnavailable."""
+        hold = await self._enter(asyncio.get_running_loop().time() + wait_seconds)
+        if hold is None:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            await self._leave(hold)
+
+    async def _enter(self, deadline: float) -> _Hold | None:
+        """Returns the hold, counted in, or None once `deadline` passed."""
+        while (hold := self._hold) is not None:
+            hold.readers += 1  # before the check: the hold stays while it is under way
+            try:
+                # Shielded: a reader cancelled mid-query would cancel it on the shared
+                # session, perhaps another reader's query by then.
+                alive = await asyncio.shield(self._alive(hold.connection))
+            except BaseException:
+                await self._leave(hold)
+                raise
+            if alive:
+                return hold
+            # Lost with its session, and the lock with it (another node may hold the gate
+            # exclusive now): those inside stay counted on it until they end (the last
+            # closes it); this reader and the next take a new one.
+            if self._hold is hold:
+                self._hold = None
+            await self._leave(hold)
+        future: asyncio.Future[_Hold | None] = asyncio.get_running_loop().create_future()
+        self._waiters[future] = deadline
+        if self._attempt is None:
+            self._attempt = asyncio.create_task(self._take())
+        try:
+            return await future
+        except BaseException:
+            self._waiters.pop(future, None)
+            # Cancelled just after the attempt counted it in: it leaves, as if inside.
+            if future.done() and not future.cancelled() and future.exception() is None:
+                given = future.result()
+                if given is not None:
+                    await self._leave(given)
+            raise
+
+    @staticmethod
+    async def _alive(connection: Connection) -> bool:
+        """True when `connection` still answers (so its session still holds the lock)."""
+        # One round trip per reader joining: nothing else finds out that the server ended
+        # the session, and a reader must not join a lock that is gone.
+        try:
+            await connection.execute("SELECT 1")
+        except psycopg.Error:
+            return False
+        return True
+
+    async def _take(self) -> None:
+        """Takes the gate shared on a new connection for the readers waiting, and hands it
+        to those still waiting once held; gives each reader None once its deadline passed,
+        and the attempt's error if it failed. Ends, closing, when no reader waits."""
+        loop = asyncio.get_running_loop()
+        connection: Connection | None = None
+        held = False
+        try:
+            connection = await self._connect()
+            while self._waiters:
+                with unavailable_as_oserror():
+                    cursor = await connection.execute(_TRY_LOCK[True], (GATE_LOCK,))
+                    row = await cursor.fetchone()
+                held = row is not None and bool(row[0])
+                waiting = [future for future in self._waiters if not future.done()]
+                if held:
+                    self._waiters.clear()
+                    if waiting:
+                        self._attempt = None  # before any reader can look: they join the hold
+                        hold = self._hold = _Hold(connection, len(waiting))
+                        connection = None
+                        for future in waiting:
+                            future.set_result(hold)
+                    return
+                now = loop.time()
+                for future in waiting:
+                    if now >= self._waiters[future]:
+                        del self._waiters[future]
+                        future.set_result(None)
+                if self._waiters:
+                    await asyncio.sleep(GATE_POLL_SECONDS)
+        except BaseException as error:
+            self._attempt = None
+            for future in self._waiters:
+                if future.done():
+                    continue
+                if isinstance(error, Exception):
+                    future.set_exception(error)
+                else:
+                    future.cancel()
+            self._waiters.clear()
+            if not isinstance(error, Exception):
+                raise
+        finally:
+            # Before any await: a reader coming now starts an attempt of its own rather
+            # than wait for this one, which is ending.
+            if self._attempt is asyncio.current_task():
+                self._attempt = None
+            if connection is not None:
+                await self._let_go(connection, held)
+
+    async def _leave(self, hold: _Hold) -> None:
+        """Counts a reader out of `hold`; the last lets go of the lock and the connection."""
+        hold.readers -= 1
+        if hold.readers:
+            return
+        if self._hold is hold:
+            self._hold = None
+        await self._let_go(hold.connection, True)
+
+    async def _let_go(self, connection: Connection, held: bool) -> None:
+        """Unlocks the gate if `held` and closes `connection`; done to the end even when the
+        caller is cancelled meanwhile (exclusive work on another node waits for it)."""
+        task = asyncio.create_task(self._close(connection, held))
+        self._letting_go.add(task)  # kept from the garbage collector until done
+        task.add_done_callback(self._letting_go.discard)
+        await asyncio.shield(task)
+
+    @staticmethod
+    async def _close(connection: Connection, held: bool) -> None:
+        with contextlib.suppress(psycopg.Error):
+            if held:
+                # Said, not left to the end of the session: the server ends a session a
+                # moment after its client left, and the others should go on at once.
+                await connection.execute(_UNLOCK[True], (GATE_LOCK,))
+        with contextlib.suppress(psycopg.Error):
+            await connection.close()
