@@ -116,13 +116,19 @@ class DatabaseCoordination:
         if value.get("id", job_id) != job_id or value.get("user", user) != user:
             raise ValueError("the record's id and user must be those given")
         async with self.database.connection() as connection:
+            # xmax is set on a row the statement updated, not on one it inserted.
             cursor = await connection.execute(
                 "INSERT INTO jobs (kind, id, record) VALUES (%s, %s, %s)"
                 " ON CONFLICT (kind, id) DO UPDATE SET record = EXCLUDED.record"
-                " WHERE jobs.owner = %s AND jobs.status = ANY(%s) RETURNING id",
+                " WHERE jobs.owner = %s AND jobs.status = ANY(%s)"
+                " RETURNING xmax::text <> '0'",
                 (job_kind(kind), job_id, Jsonb(value), user, list(reusable)),
             )
-            return await cursor.fetchone() is not None
+            row = await cursor.fetchone()
+        if row is not None and row[0] and self.records.finished is not None:
+            # An ended job's id used again: no node may go on answering the old record.
+            await self.records.finished.changed()
+        return row is not None
 
     async def pending_of(self, user: str) -> int:
         """Returns how many jobs of `user` wait to be claimed (backups and restores)."""

@@ -220,3 +220,18 @@ async def test_none_held_when_the_limit_is_zero(database_url: str) -> None:
         assert await store.fetch("backup", "1") is None
     finally:
         await store.stop()
+
+
+async def test_an_id_used_again_is_seen_pending_on_the_other_node_at_once(
+    nodes: tuple[DatabaseStore, DatabaseStore],
+) -> None:
+    a, b = nodes
+    for job_id in range(1, 11):
+        await a.write([Put("backup", str(job_id), job(job_id, status="failed"))])
+        assert (await b.fetch("backup", str(job_id)) or {})["status"] == "failed"
+        assert held(b, job_id) is not None
+        again = job(job_id, status="pending")
+        assert await a.coordination.admit("backup", job_id, "alice", again, ["failed"])
+        assert await b.fetch("backup", str(job_id)) == again
+    # A new id is no change to a finished record: admitted without asking the nodes.
+    assert await a.coordination.admit("backup", 99, "alice", job(99, status="pending"), [])
