@@ -245,6 +245,23 @@ def test_records_are_shared_at_once_and_ids_are_unique_across_nodes(
     check = cluster.restic("check")
     assert check.returncode == 0, check.stdout + check.stderr
 
+    # Every node answers finished records from its memory now; a change made on one node is
+    # still seen on the others at once: a restore's id used again, a backup deleted.
+    for node in (a, b, c):
+        assert node.call("GET", "/restore/1").data["status"] == "success", node.name
+    posted(a, "restore", restore_body(1, 1, "again"))
+    for node in (b, c):
+        again = node.call("GET", "/restore/1").data
+        assert again["dst_path"].endswith("/again"), (node.name, again)
+        assert again["status"] in {"pending", "running", "success"}, (node.name, again)
+    doomed, owner = next(iter(winners.items()))
+    for node in (a, b, c):
+        assert node.call("GET", f"/backup/{doomed}", user=owner).code == 2001, node.name
+    assert c.call("DELETE", f"/backup/{doomed}", user=owner).code == 2001
+    for node in (a, b):
+        assert node.call("GET", f"/backup/{doomed}", user=owner).code == 4001, node.name
+    assert c.wait_status("restore", 1)["status"] == "success"
+
 
 # -- 2. claims spread, slots respected -------------------------------------------------------------
 
