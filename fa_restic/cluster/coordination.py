@@ -44,6 +44,17 @@ GATE_POLL_SECONDS = 0.2
 
 
 @dataclass(frozen=True)
+class Admission:
+    """What `admit` did (the job layer's Admission Protocol, as NodeLease's)."""
+
+    admitted: bool
+    pending: int | None
+    """The user's jobs pending when the cap was checked (None: no cap given)."""
+    sequence: int | None
+    """The job's place in the queue, when admitted."""
+
+
+@dataclass(frozen=True)
 class NodeLease:
     """A node as the cluster's database knows it.
 
@@ -98,37 +109,44 @@ class DatabaseCoordination:
 
     # -- admitting and counting ----------------------------------------------------------
 
-    async def next_sequence(self) -> int:
-        """Returns the next queue position, increasing across every node."""
-        return await self.records.next_sequence()
-
     async def admit(
-        self, kind: str, job_id: int, user: str, value: dict[str, Any], reusable: Collection[str]
-    ) -> bool:
+        self,
+        kind: str,
+        job_id: int,
+        user: str,
+        value: dict[str, Any],
+        reusable: Collection[str],
+        cap: int | None = None,
+    ) -> Admission:
         """Writes a new pending job record, or replaces the one of that id if it is `user`'s
-        and its status is in `reusable`; returns False, changing nothing, otherwise.
-        Committed when it returns.
+        and its status is in `reusable`, and gives it the next place in the queue (its
+        "sequence"); unless `user` has `cap` jobs pending already. Committed when it
+        returns; changes nothing unless it says `admitted`.
 
-        Of nodes admitting one id at once exactly one gets True (as long as `reusable` holds
+        Of nodes admitting one id at once exactly one gets it (as long as `reusable` holds
         no active status): the loser's insert waits for the winner's row, then finds it
-        pending. Raises ValueError if `value` names another id or user than given.
+        pending. Of one user's admissions on any nodes, each counts after the last committed
+        (sql/005_admit.sql): the cap is never passed. Raises ValueError if `value` names
+        another id or user than given.
         """
         if value.get("id", job_id) != job_id or value.get("user", user) != user:
             raise ValueError("the record's id and user must be those given")
         async with self.database.connection() as connection:
-            # xmax is set on a row the statement updated, not on one it inserted.
             cursor = await connection.execute(
-                "INSERT INTO jobs (kind, id, record) VALUES (%s, %s, %s)"
-                " ON CONFLICT (kind, id) DO UPDATE SET record = EXCLUDED.record"
-                " WHERE jobs.owner = %s AND jobs.status = ANY(%s)"
-                " RETURNING xmax::text <> '0'",
-                (job_kind(kind), job_id, Jsonb(value), user, list(reusable)),
+                "SELECT outcome, pending, place FROM admit_job(%s, %s, %s, %s, %s, %s)",
+                (job_kind(kind), job_id, user, Jsonb(value), list(reusable), cap),
             )
             row = await cursor.fetchone()
-        if row is not None and row[0] and self.records.finished is not None:
+        assert row is not None
+        outcome, pending, place = row
+        if outcome == "replaced" and self.records.finished is not None:
             # An ended job's id used again: no node may go on answering the old record.
             await self.records.finished.changed()
-        return row is not None
+        return Admission(
+            admitted=outcome in ("admitted", "replaced"),
+            pending=None if pending is None else int(pending),
+            sequence=None if place is None else int(place),
+        )
 
     async def pending_of(self, user: str) -> int:
         """Returns how many jobs of `user` wait to be claimed (backups and restores)."""

@@ -449,7 +449,7 @@ class DatabaseRecords:
                 return []
             line = await self._line(connection, slots * LINE_LOOKAHEAD)
             waiting = await self._lock_pending(connection, [owner for owner, _ in line], slots)
-            taken = _take_turns([owner for owner, _ in line], waiting, slots)
+            taken = _take_turns(_in_turn_order(line, waiting), waiting, slots)
             if not taken:
                 return []
             now = _now_text()
@@ -480,18 +480,19 @@ class DatabaseRecords:
 
     @staticmethod
     async def _line(connection: Connection, length: int) -> list[tuple[str, int]]:
-        """Returns the first `length` users with pending jobs and their places in the line,
-        head first: a user's place is their last turn, or when their oldest waiting job
-        became pending if that is later (they had nothing waiting at their last turn)."""
+        """Returns the first `length` users with pending jobs and the `sequence` of each
+        one's first pending job, head of the line first: a user's place is their last turn,
+        or when their oldest waiting job became pending if that is later (they had nothing
+        waiting at their last turn)."""
         cursor = await connection.execute(
-            "SELECT waiting.owner, greatest(turns.turn, waiting.since) AS place"
-            " FROM (SELECT owner, min(coalesce(queued, 0)) AS since FROM jobs"
-            "       WHERE status = 'pending' GROUP BY owner) AS waiting"
+            "SELECT waiting.owner, waiting.first"
+            " FROM (SELECT owner, min(coalesce(queued, 0)) AS since, min(sequence) AS first"
+            "       FROM jobs WHERE status = 'pending' GROUP BY owner) AS waiting"
             " LEFT JOIN turns ON turns.owner = waiting.owner"
-            " ORDER BY place, waiting.owner LIMIT %s",
+            " ORDER BY greatest(turns.turn, waiting.since), waiting.owner LIMIT %s",
             (length,),
         )
-        return [(owner, int(place)) for owner, place in await cursor.fetchall()]
+        return [(owner, int(first)) for owner, first in await cursor.fetchall()]
 
     @staticmethod
     async def _lock_pending(
@@ -581,6 +582,29 @@ class DatabaseRecords:
             return await _put_back(
                 connection, await cursor.fetchall(), max_attempts, "restarted or lost its lease"
             )
+
+
+def _in_turn_order(
+    line: list[tuple[str, int]], waiting: dict[str, deque[tuple[str, int, Value]]]
+) -> list[str]:
+    """Returns the users of `line` who may have a turn in this claim, in the line's order.
+
+    A user whose first job another node is claiming at this moment (locked: what `waiting`
+    holds of theirs starts later) has their turn there: they come after the others, and
+    not at all while some user's jobs are all locked (that claim may leave those, and this
+    one's slot is theirs once it commits: at the next claim)."""
+    hidden = any(not waiting.get(owner) for owner, _ in line)
+    here: list[str] = []
+    elsewhere: list[str] = []
+    for owner, first in line:
+        jobs = waiting.get(owner)
+        if not jobs:
+            continue
+        if int(jobs[0][2].get("sequence") or 0) <= first:
+            here.append(owner)
+        elif not hidden:
+            elsewhere.append(owner)
+    return here + elsewhere
 
 
 def _take_turns(

@@ -72,16 +72,16 @@ class Intake:
                 raise JobConflict(f"backup id {backup_id} is in use")
             if existing.status.is_active or existing.status is JobStatus.SUCCESS:
                 raise JobConflict(f"backup id {backup_id} is in use ({existing.status})")
-        await self._refuse_too_many(caller)
+        self._refuse_too_many(caller)
         record = BackupRecord(
             id=backup_id,
             user=caller.user,
             path=str(path),
             exclude=list(exclude),
             created_at=utc_now(),
-            sequence=await self._next_sequence(),
+            sequence=self._next_sequence(),
         )
-        await self._accept(record, REUSABLE_BACKUP_ID)
+        await self._accept(record, REUSABLE_BACKUP_ID, caller.admin)
         log.info("backup %d: accepted from %s for %s", backup_id, caller.user, path)
         return record
 
@@ -110,7 +110,7 @@ class Intake:
                 raise JobConflict(f"restore id {restore_id} is in use")
             if existing.status.is_active:
                 raise JobConflict(f"restore id {restore_id} is in use ({existing.status})")
-        await self._refuse_too_many(caller)
+        self._refuse_too_many(caller)
         record = RestoreRecord(
             id=restore_id,
             user=caller.user,
@@ -120,9 +120,9 @@ class Intake:
             include=entries,
             overwrite=overwrite,
             created_at=utc_now(),
-            sequence=await self._next_sequence(),
+            sequence=self._next_sequence(),
         )
-        await self._accept(record, REUSABLE_RESTORE_ID)
+        await self._accept(record, REUSABLE_RESTORE_ID, caller.admin)
         log.info(
             "restore %d: accepted from %s, backup %d into %s",
             restore_id,
@@ -144,26 +144,24 @@ class Intake:
         if missing is not None:
             raise NotInBackup(f"include: {shown(missing)} is not in backup {backup.id}")
 
-    async def _next_sequence(self) -> int:
-        """Returns the new job's place in its user's queue (awaits nothing on one node)."""
-        if self.coordination is not None:
-            return await self.coordination.next_sequence()
-        return self.records.next_sequence()
+    def _next_sequence(self) -> int:
+        """Returns the new job's place in its user's queue; 0 in a cluster, where the
+        database gives it (Coordination.admit)."""
+        return 0 if self.coordination is not None else self.records.next_sequence()
 
-    async def _refuse_too_many(self, caller: Caller) -> None:
+    def _refuse_too_many(self, caller: Caller) -> None:
         """Raises JobConflict when a non-admin caller has `max_pending_per_user` jobs
         pending (backups and restores together, those being accepted included).
 
-        On a single node it awaits nothing, so concurrent POSTs cannot overshoot the cap;
-        in a cluster, POSTs on several nodes at one moment may pass it by a few."""
-        if caller.admin:
+        It awaits nothing, so concurrent POSTs cannot overshoot the cap. In a cluster the
+        database counts, when it admits the job (`_accept`)."""
+        if caller.admin or self.coordination is not None:
             return
+        pending = self.scheduler.queued_of(caller.user) + self._writing.get(caller.user, 0)
+        self._check_cap(pending)
+
+    def _check_cap(self, pending: int) -> None:
         limit = self.max_pending_per_user
-        if self.coordination is not None:
-            queued = await self.coordination.pending_of(caller.user)
-        else:
-            queued = self.scheduler.queued_of(caller.user)
-        pending = queued + self._writing.get(caller.user, 0)
         if pending >= limit:
             raise JobConflict(
                 f"too many pending jobs ({pending} of at most {limit}): "
@@ -171,23 +169,28 @@ class Intake:
             )
 
     async def _accept(
-        self, record: BackupRecord | RestoreRecord, reusable: frozenset[JobStatus]
+        self, record: BackupRecord | RestoreRecord, reusable: frozenset[JobStatus], admin: bool
     ) -> None:
         """Writes a new record and queues it, counted against its user's pending jobs
         meanwhile; raises OSError (not written), JobConflict (a cluster: another node took
-        the id meanwhile, or it is another user's). `_refuse_too_many` comes first, with no
-        await in between on a single node, so concurrent POSTs cannot overshoot the cap.
-        `reusable`: the statuses in which the caller's own record of that id is replaced."""
+        the id meanwhile, or it is another user's, or the user's cap is reached).
+        `_refuse_too_many` comes first, with no await in between on a single node, so
+        concurrent POSTs cannot overshoot the cap. `reusable`: the statuses in which the
+        caller's own record of that id is replaced; `admin`: an admin's jobs have no cap."""
         user = record.user
         self._writing[user] = self._writing.get(user, 0) + 1
         try:
             if self.coordination is not None:
                 kind = key_of(record)[0]
-                admitted = await self.coordination.admit(
-                    kind, record.id, user, put(record).value, [s.value for s in reusable]
+                cap = None if admin else self.max_pending_per_user
+                admission = await self.coordination.admit(
+                    kind, record.id, user, put(record).value, [s.value for s in reusable], cap
                 )
-                if not admitted:
+                if not admission.admitted:
+                    if admission.pending is not None and cap is not None:
+                        self._check_cap(admission.pending)
                     raise JobConflict(f"{kind} id {record.id} is in use")
+                record.sequence = admission.sequence or 0
                 self.queued()
                 return
             await self.records.add(record)

@@ -129,20 +129,19 @@ class Coordination(Protocol):
         """This node's name (unique in the cluster)."""
         ...
 
-    async def next_sequence(self) -> int:
-        """Returns the next queue position, increasing across every node."""
-        ...
-
     async def admit(
-        self, kind: str, job_id: int, user: str, value: dict[str, Any], reusable: Collection[str]
-    ) -> bool:
-        """Writes a new pending job record, or replaces the one of that id if it is `user`'s
-        and its status is in `reusable`; returns False, changing nothing, otherwise. Of
-        nodes admitting one id at once exactly one gets True. Committed when it returns."""
-        ...
-
-    async def pending_of(self, user: str) -> int:
-        """Returns how many jobs of `user` wait to be claimed (backups and restores)."""
+        self,
+        kind: str,
+        job_id: int,
+        user: str,
+        value: dict[str, Any],
+        reusable: Collection[str],
+        cap: int | None = None,
+    ) -> Admission:
+        """Writes a new pending job record with the next place in the queue, or replaces
+        the one of that id if it is `user`'s and its status is in `reusable`; unless `user`
+        has `cap` jobs pending already (counted exactly across nodes). Of nodes admitting
+        one id at once exactly one admits it. Committed when it returns."""
         ...
 
     async def claim(self, slots: int) -> list[ClusterJob]:
@@ -229,6 +228,23 @@ class Coordination(Protocol):
 
     async def shared(self) -> dict[str, dict[str, dict[str, Any]]]:
         """Returns the small collections every node shares: "forget" and "meta"."""
+        ...
+
+
+class Admission(Protocol):
+    """What `Coordination.admit` did."""
+
+    @property
+    def admitted(self) -> bool: ...
+
+    @property
+    def pending(self) -> int | None:
+        """The user's jobs pending when the cap was checked (None: no cap given)."""
+        ...
+
+    @property
+    def sequence(self) -> int | None:
+        """The job's place in the queue, when admitted."""
         ...
 
 

@@ -135,9 +135,11 @@ async def test_of_nodes_admitting_one_id_at_once_exactly_one_wins(
                 for n in range(10)
             )
         )
-        assert results.count(True) == 1, results
+        won = [result.admitted for result in results]
+        assert won.count(True) == 1, results
+        winner = results[won.index(True)]
         stored = await coordination.records.read("backup", 1)
-        assert stored == job(1, path=f"p{results.index(True)}")
+        assert stored == job(1, path=f"p{won.index(True)}", sequence=winner.sequence)
 
         # An id the user's failed job held is reused, by several at once too: one wins.
         await coordination.records.write([Update("backup", "1", {"status": "failed"})])
@@ -147,28 +149,34 @@ async def test_of_nodes_admitting_one_id_at_once_exactly_one_wins(
                 for n in range(10)
             )
         )
-        assert results.count(True) == 1, results
+        won = [result.admitted for result in results]
+        assert won.count(True) == 1, results
+        winner = results[won.index(True)]
         assert await coordination.records.read("backup", 1) == job(
-            1, path=f"q{results.index(True)}"
+            1, path=f"q{won.index(True)}", sequence=winner.sequence
         )
 
 
 async def test_an_id_is_reused_only_by_its_user_and_only_from_a_reusable_status(
     node_a: DatabaseCoordination, database: Database
 ) -> None:
-    assert await node_a.admit("backup", 1, "alice", job(1), REUSABLE)
-    assert not await node_a.admit("backup", 1, "alice", job(1, path="again"), REUSABLE)
-    assert await node_a.admit("restore", 1, "bob", job(1, "bob"), REUSABLE), "another kind"
+    async def admitted(kind: str, user: str, value: dict[str, Any]) -> bool:
+        return (await node_a.admit(kind, value["id"], user, value, REUSABLE)).admitted
+
+    assert await admitted("backup", "alice", job(1))
+    assert not await admitted("backup", "alice", job(1, path="again"))
+    assert await admitted("restore", "bob", job(1, "bob")), "another kind"
     [(_, _, claimed)] = await node_a.claim(1)
-    assert not await node_a.admit("backup", 1, "alice", job(1, path="again"), REUSABLE)
+    assert not await admitted("backup", "alice", job(1, path="again"))
 
     await node_a.records.write([Update("backup", "1", {"status": "success"})])
-    assert not await node_a.admit("backup", 1, "alice", job(1, path="again"), REUSABLE)
+    assert not await admitted("backup", "alice", job(1, path="again"))
     await node_a.records.write([Update("backup", "1", {"status": "cancel"})])
-    assert not await node_a.admit("backup", 1, "bob", job(1, "bob"), REUSABLE), "alice's"
+    assert not await admitted("backup", "bob", job(1, "bob")), "alice's"
     assert await node_a.records.read("backup", 1) == {**claimed, "status": "cancel"}
-    assert await node_a.admit("backup", 1, "alice", job(1, path="again"), REUSABLE)
-    assert await node_a.records.read("backup", 1) == job(1, path="again")
+    again = await node_a.admit("backup", 1, "alice", job(1, path="again"), REUSABLE)
+    assert again.admitted and again.sequence is not None
+    assert await node_a.records.read("backup", 1) == job(1, path="again", sequence=again.sequence)
     # Pending again: no node's, and in the line.
     assert await column(database, "node", "backup", 1) is None
     assert await node_a.pending_of("alice") == 1
@@ -177,6 +185,38 @@ async def test_an_id_is_reused_only_by_its_user_and_only_from_a_reusable_status(
         await node_a.admit("backup", 2, "alice", job(3), REUSABLE)
     with pytest.raises(ValueError, match="not a job collection"):
         await node_a.admit("forget", 2, "alice", job(2), REUSABLE)
+
+
+async def test_one_users_cap_holds_across_nodes_admitting_at_once(
+    database: Database, database_url: str
+) -> None:
+    # Two nodes, ten connections each: twenty admissions of alice's at one moment.
+    async with (
+        Database(database_url, min_size=10, max_size=10) as pool_a,
+        Database(database_url, min_size=10, max_size=10) as pool_b,
+    ):
+        await pool_a.pool.wait()
+        await pool_b.pool.wait()
+        nodes = [
+            make(pool, DatabaseRecords(pool), database_url, name)
+            for pool, name in ((pool_a, "node-a"), (pool_b, "node-b"))
+        ]
+        await nodes[0].admit("backup", 100, "bob", job(100, "bob"), REUSABLE, 5)
+        results = await asyncio.gather(
+            *(nodes[n % 2].admit("backup", n, "alice", job(n), REUSABLE, 5) for n in range(1, 21))
+        )
+        admitted = [result for result in results if result.admitted]
+        refused = [result for result in results if not result.admitted]
+        assert len(admitted) == 5, results
+        assert {result.pending for result in refused} == {5}, "each counted the others"
+        assert await nodes[0].pending_of("alice") == 5
+        # Each took its own place in the queue, one after another.
+        places = sorted(result.sequence for result in admitted if result.sequence is not None)
+        assert len(set(places)) == 5 and places == sorted(places)
+        # Bob's cap is his own; without a cap (an admin's) there is none.
+        assert (await nodes[1].admit("backup", 101, "bob", job(101, "bob"), REUSABLE, 5)).admitted
+        assert (await nodes[1].admit("backup", 21, "alice", job(21), REUSABLE)).admitted
+        assert await nodes[0].pending_of("alice") == 6
 
 
 async def test_pending_and_running_are_counted_across_nodes(
@@ -200,8 +240,6 @@ async def test_pending_and_running_are_counted_across_nodes(
     # Jobs of a node whose lease expired do not run anywhere (they are requeued).
     await age_heartbeat(database, "node-b", 60)
     assert await node_a.running_anywhere() == 1
-    first, second = await node_a.next_sequence(), await node_b.next_sequence()
-    assert first < second
 
 
 # -- cancels --------------------------------------------------------------------------------

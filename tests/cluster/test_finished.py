@@ -231,7 +231,9 @@ async def test_an_id_used_again_is_seen_pending_on_the_other_node_at_once(
         assert (await b.fetch("backup", str(job_id)) or {})["status"] == "failed"
         assert held(b, job_id) is not None
         again = job(job_id, status="pending")
-        assert await a.coordination.admit("backup", job_id, "alice", again, ["failed"])
-        assert await b.fetch("backup", str(job_id)) == again
+        admitted = await a.coordination.admit("backup", job_id, "alice", again, ["failed"])
+        assert admitted.admitted
+        assert await b.fetch("backup", str(job_id)) == {**again, "sequence": admitted.sequence}
     # A new id is no change to a finished record: admitted without asking the nodes.
-    assert await a.coordination.admit("backup", 99, "alice", job(99, status="pending"), [])
+    new = await a.coordination.admit("backup", 99, "alice", job(99, status="pending"), [])
+    assert new.admitted

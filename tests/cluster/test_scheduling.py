@@ -8,6 +8,7 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
+import psycopg
 import pytest
 
 from fa_restic.cluster.database import Database
@@ -266,3 +267,28 @@ async def test_nodes_requeueing_at_once_change_each_job_once(
     assert sorted(changed) == list(range(1, 101))
     assert set(changed.values()) == {1}
     assert await nodes[0].counts("backup") == {"pending": 100}
+
+
+async def test_a_user_whose_turn_another_claim_is_taking_gets_no_second_one_meanwhile(
+    records: DatabaseRecords, database_url: str
+) -> None:
+    # Alice posted 1 and 3, Bob 2. Another node's claim is under way: it has locked the
+    # first job of each user it looked at (alice's 1, bob's 2) and will take one of them.
+    await queue(
+        records, ("backup", job(1, "alice")), ("backup", job(2, "bob")), ("backup", job(3, "alice"))
+    )
+    async with await psycopg.AsyncConnection.connect(database_url) as other:
+        async with other.transaction():
+            await other.execute("SELECT 1 FROM jobs WHERE id IN (1, 2) FOR UPDATE")
+            # Alice has her turn there, and bob's job may be left: no slot goes to alice.
+            assert await records.claim("node-b", 1) == []
+        async with other.transaction():
+            await other.execute("SELECT 1 FROM jobs WHERE id = 1 FOR UPDATE")
+            # Only alice's first job taken there: bob is next.
+            assert [(job.id, users_of([job])) for job in await records.claim("node-b", 1)] == [
+                (2, ["bob"])
+            ]
+        async with other.transaction():
+            await other.execute("SELECT 1 FROM jobs WHERE id = 1 FOR UPDATE")
+            # Nobody else waits: the free slot is not wasted, alice's next job takes it.
+            assert [job.id for job in await records.claim("node-b", 1)] == [3]
