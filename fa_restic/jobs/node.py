@@ -62,7 +62,8 @@ class NodeOptions:
 
 
 class Parts(Protocol):
-    """The parts of the job layer a node works with (a JobService has them all)."""
+    """The parts of the job layer a node works with and plugs itself into (a JobService
+    has them all)."""
 
     records: Records
     scheduler: Scheduler
@@ -72,17 +73,16 @@ class Parts(Protocol):
     repository: Repository
     restic: ResticRunner
     metrics: Metrics
-
-
-class Pluggable(Parts, Protocol):
-    """The parts a node plugs itself into (`plug_into`)."""
-
     intake: Intake
     browser: Browser
 
 
 class ClusterNode:
-    """This node's part in the cluster; `start` after the scheduler, `stop` before it."""
+    """This node's part in the cluster; `start` after the scheduler, `stop` before it.
+
+    Made, it is plugged into `parts`: exclusive work goes through the cluster's gate, new
+    jobs and freed slots wake its claims, the repository is created once, and browses keep
+    apart from other nodes' exclusive work."""
 
     def __init__(self, coordination: Coordination, options: NodeOptions, parts: Parts) -> None:
         self.coordination = coordination
@@ -106,11 +106,9 @@ class ClusterNode:
         self._cancelling: dict[JobKey, asyncio.Task[None]] = {}
         self._unreachable = False
         self.read_wait = READ_WAIT_SECONDS
+        self._plug_into(parts)
 
-    def plug_into(self, parts: Pluggable) -> None:
-        """Puts this node where the job layer's parts act for a cluster: exclusive work
-        through the cluster's gate, claims on new jobs and freed slots, the repository
-        created once, browses kept apart from other nodes' exclusive work."""
+    def _plug_into(self, parts: Parts) -> None:
         parts.scheduler.gate = self.gate
         parts.scheduler.slot_freed = self.wake
         parts.intake.queued = self.wake

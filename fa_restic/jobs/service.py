@@ -127,12 +127,16 @@ class JobService:
             TreeCache(restic, options.browse_cache_bytes, self.scheduler.reading)
         )
         self.intake = Intake(
-            self.records, self.scheduler, options.max_pending_per_user, self.browser
+            self.records, self.scheduler, options.max_pending_per_user, self.browser, coordination
         )
-        self.intake.coordination = coordination
-        self.canceller = Canceller(self.records, self.scheduler, self.execution, metrics)
-        self.canceller.coordination = coordination
-        self.canceller.remote_wait_seconds = options.lease_seconds + 10
+        self.canceller = Canceller(
+            self.records,
+            self.scheduler,
+            self.execution,
+            metrics,
+            coordination,
+            remote_wait_seconds=options.lease_seconds + 10,
+        )
         self.removal = Removal(
             self.records,
             self.repository,
@@ -148,7 +152,6 @@ class JobService:
         if coordination is not None:
             options_of_node = NodeOptions(options.lease_seconds, options.max_attempts)
             self.node = ClusterNode(coordination, options_of_node, self)
-            self.node.plug_into(self)
         self._stopping = False
         self._tasks: set[asyncio.Task[None]] = set()
 
