@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from fa_restic.jobs.models import BackupRecord, ForgetRecord, JobRecord, RestoreRecord, rfc3339
 from fa_restic.names import JobKind, JobStatus
@@ -24,7 +24,10 @@ from fa_restic.store import (
     Put,
     Store,
     Update,
+    Value,
 )
+
+Model = TypeVar("Model", BackupRecord, RestoreRecord)
 
 BACKUPS = "backup"
 RESTORES = "restore"
@@ -133,17 +136,16 @@ class Records:
     def load(self, collections: Collections) -> None:
         """Takes the live records read from the store (Store.load); without `keep_pending`,
         not the pending ones (a cluster's nodes claim them)."""
-        self.backups = {
-            int(key): BackupRecord.model_validate(value)
-            for key, value in collections.get(BACKUPS, {}).items()
-            if self.keep_pending or value.get("status") != JobStatus.PENDING.value
-        }
-        self.restores = {
-            int(key): RestoreRecord.model_validate(value)
-            for key, value in collections.get(RESTORES, {}).items()
-            if self.keep_pending or value.get("status") != JobStatus.PENDING.value
-        }
+        self.backups = self._kept(collections.get(BACKUPS, {}), BackupRecord)
+        self.restores = self._kept(collections.get(RESTORES, {}), RestoreRecord)
         self._sequence = max((record.sequence for record in self.every()), default=0)
+
+    def _kept(self, values: dict[str, Value], model: type[Model]) -> dict[int, Model]:
+        return {
+            int(key): model.model_validate(value)
+            for key, value in values.items()
+            if self.keep_pending or value.get("status") != JobStatus.PENDING.value
+        }
 
     def of(self, kind: str) -> dict[int, BackupRecord] | dict[int, RestoreRecord]:
         """Returns the live records of `kind`."""
