@@ -5,10 +5,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import math
 import re
 import time
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import jwt
 from jwt.warnings import InsecureKeyLengthWarning
@@ -31,6 +33,25 @@ def valid_username(name: object) -> bool:
 
 
 @dataclass(frozen=True)
+class _Verified:
+    """A JWT that verified: who it names and the times PyJWT checked it against.
+
+    PyJWT refuses a token at `now` if int(exp) <= now, or int(iat) or int(nbf) > now;
+    `not_before <= now < expires` says the same (infinite for a claim the token lacks)."""
+
+    caller: Caller
+    not_before: float
+    expires: float
+
+    @classmethod
+    def of(cls, caller: Caller, claims: dict[str, Any]) -> _Verified:
+        # PyJWT has checked each present claim converts with int() (else the token failed).
+        starts = [int(claims[name]) for name in ("iat", "nbf") if name in claims]
+        expires = int(claims["exp"]) if "exp" in claims else math.inf
+        return cls(caller, max(starts, default=-math.inf), expires)
+
+
+@dataclass(frozen=True)
 class _StaticToken:
     sha256: bytes
     caller: Caller
@@ -50,7 +71,8 @@ class Authenticator:
             # Said once here if it matters; PyJWT warns on every request whose key is shorter
             # than its hash (64 bytes for HS512), which a warnings-as-errors run turns into a 500.
             warnings.filterwarnings("ignore", category=InsecureKeyLengthWarning)
-        self._verified: dict[bytes, tuple[Caller, float | None]] = {}
+        self._verified: dict[str, _Verified] = {}
+        """Authorization headers whose JWT verified, oldest first (VERIFIED_CACHE_SIZE)."""
         self._tokens = [
             _StaticToken(
                 bytes.fromhex(entry.token_sha256)
@@ -65,6 +87,15 @@ class Authenticator:
         """Returns the caller the header names; raises ApiError (401) with the reason."""
         if not header:
             raise unauthorized("missing Authorization header")
+        # Verifying a JWT costs more than the rest of a status request; clients poll with
+        # the same token, so a header whose JWT verified is remembered, with the times it
+        # holds, and checked against the clock again on every request. Only a JWT that
+        # verified is remembered (a static token is not: it is found before any JWT).
+        verified = self._verified.get(header)
+        if verified is not None:
+            if verified.not_before <= time.time() < verified.expires:
+                return verified.caller
+            del self._verified[header]  # expired (or the clock went back): decode to say so
         if not header.isascii():
             # aiohttp hands bytes that are not UTF-8 on as lone surrogates (surrogateescape).
             try:
@@ -79,12 +110,6 @@ class Authenticator:
         for entry in self._tokens:
             if hmac.compare_digest(entry.sha256, digest):
                 return entry.caller
-        cached = self._verified.get(digest)
-        if cached is not None:
-            caller, expires = cached
-            if expires is None or time.time() < expires:
-                return caller
-            del self._verified[digest]  # expired: decode again to say so
         if token.count(".") != 2:
             raise unauthorized("unknown token")
         if not self._secret:
@@ -110,10 +135,7 @@ class Authenticator:
         if not valid_username(username):
             raise unauthorized("username claim is not a valid user name")
         caller = Caller(username, claims.get("admin") is True)
-        # Verifying a JWT costs more than the rest of a status request; clients poll with
-        # the same token, so a verified one is remembered until its `exp`.
-        if len(self._verified) >= VERIFIED_CACHE_SIZE:
-            self._verified.clear()
-        expires = claims.get("exp")
-        self._verified[digest] = (caller, float(expires) if expires is not None else None)
+        while len(self._verified) >= VERIFIED_CACHE_SIZE:
+            del self._verified[next(iter(self._verified))]  # the oldest
+        self._verified[header] = _Verified.of(caller, claims)
         return caller

@@ -30,6 +30,11 @@ from fa_restic.jobs.service import Caller, JobService
 from fa_restic.metrics import CONTENT_TYPE
 from fa_restic.names import JobKind
 
+REDACTED_CACHE_SIZE = 1024
+"""Texts whose redaction is remembered: a user's failed jobs often repeat one message."""
+REDACTED_CACHE_TEXT = 4096
+"""Longer texts are redacted every time, not remembered."""
+
 
 def _as_is(text: str) -> str:
     return text
@@ -49,6 +54,7 @@ class Handlers:
         self.authenticator = authenticator
         self.openapi = openapi
         self.paths = PathResolver(data_root)
+        self._redacted: dict[str, str] = {}
 
     def close(self) -> None:
         """Stops the path resolver's threads."""
@@ -58,7 +64,22 @@ class Handlers:
 
     def _show(self, caller: Caller) -> Callable[[str], str]:
         """Returns how `extra` is shown to `caller`: admins see restic's text as it is."""
-        return _as_is if caller.admin else self.service.restic.redact
+        return _as_is if caller.admin else self._redact
+
+    def _redact(self, text: str) -> str:
+        """Returns restic.redact(text): some 10 regular expressions, so remembered per text
+        (bounded; the service's repository, which it depends on, is fixed). Most `extra`s
+        are empty, which nothing changes."""
+        if not text:
+            return text
+        shown = self._redacted.get(text)
+        if shown is None:
+            shown = self.service.restic.redact(text)
+            if len(text) <= REDACTED_CACHE_TEXT:
+                if len(self._redacted) >= REDACTED_CACHE_SIZE:
+                    del self._redacted[next(iter(self._redacted))]  # the oldest
+                self._redacted[text] = shown
+        return shown
 
     def _view(self, caller: Caller, record: JobRecord) -> dict[str, Any]:
         """Returns what the caller sees of a backup or a restore."""

@@ -6,12 +6,14 @@ from __future__ import annotations
 import hashlib
 import time
 import warnings
+from types import SimpleNamespace
 from typing import Any
 
 import jwt
 import pytest
 from jwt.warnings import InsecureKeyLengthWarning
 
+import fa_restic.api.auth as auth_module
 from fa_restic.api.auth import Authenticator
 from fa_restic.api.errors import ApiError
 from fa_restic.config import AuthSettings, StaticToken
@@ -159,6 +161,108 @@ def test_without_a_jwt_secret_only_static_tokens_work() -> None:
     assert _refused(authenticator, f"Bearer {token_for('alice')}") == (
         "unauthorized: JWTs are not accepted: no jwt_secret is configured"
     )
+
+
+# -- the verified-token cache: as strict as a decode --------------------------------------
+
+
+@pytest.fixture
+def decodes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The tokens PyJWT decodes (verifies) from now on, in order."""
+    seen: list[str] = []
+    decode = jwt.decode
+
+    def counting(token: str, *args: Any, **kwargs: Any) -> Any:
+        seen.append(token)
+        return decode(token, *args, **kwargs)
+
+    monkeypatch.setattr(jwt, "decode", counting)
+    return seen
+
+
+def test_a_verified_token_is_decoded_once(authenticator: Authenticator, decodes: list[str]) -> None:
+    header = f"Bearer {token_for('alice')}"
+    for _ in range(3):
+        assert authenticator.authenticate(header) == Caller("alice")
+    assert len(decodes) == 1
+
+
+def test_a_cached_token_is_refused_once_expired(authenticator: Authenticator) -> None:
+    # A fractional exp is truncated by PyJWT (int(exp) <= now: expired): the cache must not
+    # keep the token for the fraction's 0.9 s more.
+    while True:
+        expires = int(time.time()) + 1
+        header = "Bearer " + _jwt({"username": "alice", "exp": expires + 0.9})
+        try:
+            assert authenticator.authenticate(header) == Caller("alice")
+            break
+        except ApiError:  # the second turned over between the two lines: once more
+            continue
+    assert authenticator.authenticate(header) == Caller("alice")  # from the cache
+    time.sleep(max(0.0, expires - time.time()) + 0.01)
+    assert time.time() < expires + 0.9
+    assert _refused(authenticator, header) == "unauthorized: token expired"
+    assert _refused(authenticator, header) == "unauthorized: token expired"
+
+
+def test_a_cached_token_is_not_taken_before_its_nbf_or_iat(
+    authenticator: Authenticator, decodes: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    now = int(time.time())
+    header = "Bearer " + _jwt({"username": "alice", "iat": now - 10, "nbf": now - 5})
+    assert authenticator.authenticate(header) == Caller("alice")
+    # The clock goes back before nbf: the cache does not answer, PyJWT decides again.
+    monkeypatch.setattr(auth_module, "time", SimpleNamespace(time=lambda: now - 6.0))
+    assert authenticator.authenticate(header) == Caller("alice")  # PyJWT's clock is the real one
+    assert len(decodes) == 2
+
+
+def test_a_tampered_token_is_refused_after_the_genuine_one_was_cached(
+    authenticator: Authenticator,
+) -> None:
+    token = token_for("alice")
+    assert authenticator.authenticate(f"Bearer {token}") == Caller("alice")
+    head, payload, signature = token.split(".")
+    forged_payload = jwt.utils.base64url_encode(b'{"username":"alice","admin":true}').decode()
+    flipped = signature[:-2] + ("A" if signature[-2] != "A" else "B") + signature[-1]
+    for forged in (f"{head}.{forged_payload}.{signature}", f"{head}.{payload}.{flipped}"):
+        assert _refused(authenticator, f"Bearer {forged}") == "unauthorized: bad token signature"
+    assert authenticator.authenticate(f"Bearer {token}") == Caller("alice")
+
+
+def test_a_refusal_is_never_cached(authenticator: Authenticator, decodes: list[str]) -> None:
+    header = "Bearer " + _jwt({"username": "alice"}, secret="another-secret-of-32-bytes-or-more")
+    for _ in range(3):
+        assert _refused(authenticator, header) == "unauthorized: bad token signature"
+    bad_name = "Bearer " + _jwt({"username": "../etc"})
+    for _ in range(3):
+        assert _refused(authenticator, bad_name) == (
+            "unauthorized: username claim is not a valid user name"
+        )
+    assert len(decodes) == 6
+
+
+def test_the_cache_is_bounded_and_forgets_the_oldest(
+    authenticator: Authenticator, decodes: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(auth_module, "VERIFIED_CACHE_SIZE", 3)
+    headers = [f"Bearer {token_for(f'user{number}')}" for number in range(5)]
+    for header in headers:
+        authenticator.authenticate(header)
+    assert len(authenticator._verified) == 3
+    for header in headers[2:]:  # the newest three are remembered
+        authenticator.authenticate(header)
+    assert len(decodes) == 5
+    assert authenticator.authenticate(headers[0]) == Caller("user0")  # forgotten: decoded
+    assert len(decodes) == 6
+    assert len(authenticator._verified) == 3
+
+
+def test_a_static_token_stays_first(authenticator: Authenticator, decodes: list[str]) -> None:
+    for _ in range(2):
+        assert authenticator.authenticate(f"Bearer {PLAIN_TOKEN}") == Caller("bob")
+    assert decodes == []
+    assert not authenticator._verified
 
 
 # -- the same over HTTP --------------------------------------------------------------------
