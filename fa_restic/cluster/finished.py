@@ -104,12 +104,18 @@ class FinishedRecords:
         """Holds a finished record read from the database, unless a change was heard since
         `generation` (the record may be that change's old one). As the most recently read,
         or with `first_to_go` the least (what is read ahead, not asked for)."""
+        self.hold_text(kind, job_id, orjson.dumps(value), generation, first_to_go=first_to_go)
+
+    def hold_text(
+        self, kind: str, job_id: int, text: bytes, generation: int, *, first_to_go: bool = False
+    ) -> None:
+        """As `hold`, of a record as JSON text (what is read ahead comes so: no decoding)."""
         if generation != self._generation or self.limit <= 0:
             return
         key = (kind, job_id)
         if first_to_go and key not in self._held and len(self._held) >= self.limit:
             return
-        self._held[key] = orjson.dumps(value)
+        self._held[key] = text
         self._held.move_to_end(key, last=not first_to_go)
         while len(self._held) > self.limit:
             self._held.popitem(last=False)

@@ -100,6 +100,9 @@ async def import_records(
         log.info("import-state: %s", moved[-1].describe())
     # Jobs queued on the cluster from now on start after those imported.
     await records.raise_sequence(highest_sequence)
+    # The planner's statistics, fresh for the nodes about to start: left to autovacuum,
+    # a node's reading of finished records at start sorted the whole table per page.
+    await records.analyze()
     return moved
 
 

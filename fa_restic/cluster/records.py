@@ -19,7 +19,7 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, LiteralString
 
 from psycopg import sql
 from psycopg.types.json import Jsonb
@@ -242,6 +242,11 @@ class DatabaseRecords:
                 (max(at_least, 1),),
             )
 
+    async def analyze(self) -> None:
+        """Has PostgreSQL gather its statistics of the tables (after many writes at once)."""
+        async with self.database.connection() as connection:
+            await connection.execute("ANALYZE jobs, forgets, meta")
+
     # -- reading -------------------------------------------------------------------------
 
     async def read(self, collection: str, key: str | int) -> Value | None:
@@ -316,14 +321,21 @@ class DatabaseRecords:
                 _with_progress(record, progress) for record, progress in await cursor.fetchall()
             ]
 
-    async def counts(self, kind: str) -> dict[str, int]:
-        """Returns status -> how many records of `kind` (statuses with none left out)."""
-        async with self.database.connection() as connection:
-            cursor = await connection.execute(
-                "SELECT status, count(*) FROM jobs WHERE kind = %s GROUP BY status",
-                (job_kind(kind),),
+    async def counts(self, kind: str, *, live_only: bool = False) -> dict[str, int]:
+        """Returns status -> how many records of `kind` (statuses with none left out); with
+        `live_only`, of the pending and running ones only (through their own indexes: the
+        cost is theirs, not the finished records')."""
+        query: LiteralString = "SELECT status, count(*) FROM jobs WHERE kind = %s GROUP BY status"
+        if live_only:
+            query = (
+                "SELECT 'pending', count(*) FROM jobs WHERE status = 'pending' AND kind = %s"
+                " UNION ALL"
+                " SELECT 'running', count(*) FROM jobs WHERE status = 'running' AND kind = %s"
             )
-            return {status: int(number) for status, number in await cursor.fetchall()}
+        params = (job_kind(kind),) * (2 if live_only else 1)
+        async with self.database.connection() as connection:
+            cursor = await connection.execute(query, params)
+            return {status: int(number) for status, number in await cursor.fetchall() if number}
 
     async def total(self, collection: str) -> int:
         """Returns how many records `collection` holds."""
@@ -357,16 +369,16 @@ class DatabaseRecords:
 
     async def finished_page(
         self, kind: str, before: int | None, limit: int
-    ) -> list[tuple[int, Value]]:
-        """Returns up to `limit` (id, record) of `kind`'s records that are not live, with an
-        id below `before` (any, if None), highest id first."""
+    ) -> list[tuple[int, bytes]]:
+        """Returns up to `limit` (id, record as JSON text) of `kind`'s records that are not
+        live, with an id below `before` (any, if None), highest id first."""
         async with self.database.connection() as connection:
             cursor = await connection.execute(
-                "SELECT id, record FROM jobs WHERE kind = %s AND NOT live AND id < %s"
+                "SELECT id, record::text FROM jobs WHERE kind = %s AND NOT live AND id < %s"
                 " ORDER BY id DESC LIMIT %s",
                 (job_kind(kind), before if before is not None else 2**63 - 1, limit),
             )
-            return [(int(job_id), record) for job_id, record in await cursor.fetchall()]
+            return [(int(job_id), text.encode()) for job_id, text in await cursor.fetchall()]
 
     async def every(self, collection: str) -> dict[str, Value]:
         """Returns key -> record of every record of a small collection (forget, meta)."""

@@ -56,9 +56,14 @@ LOCK_RETRY_SECONDS = 0.5
 COUNTS_DELAY = 0.5
 """How long after a write the counts are read again: writes meanwhile share one read."""
 
+WHOLE_COUNTS_SECONDS = 5.0
+"""How often, at most, the records of every status are counted (the live ones: each time)."""
+LIVE_STATUSES = ("pending", "running")
+
 WATCH_SECONDS = 5.0
-PRELOAD_PAGE = 2000
-"""Finished records read at a time at start (cluster.finished)."""
+PRELOAD_PAGE = 1000
+"""Finished records read at a time at start (cluster.finished): small pages, so that the
+requests answered meanwhile hardly wait."""
 """How often the node checks its lock's connection (healthz's `database`) and beats."""
 
 DISPLACED = "database unavailable: another node took this node's place"
@@ -120,6 +125,7 @@ class DatabaseStore:
         timeout: float = 5.0,
         lease_seconds: float = 30.0,
         counts_delay: float = COUNTS_DELAY,
+        whole_counts_every: float = WHOLE_COUNTS_SECONDS,
         watch_seconds: float = WATCH_SECONDS,
         alone: bool = False,
         finished_in_memory: int = DEFAULT_LIMIT,
@@ -148,6 +154,10 @@ class DatabaseStore:
             self.database, self.records, node, url, lease_seconds
         )
         self._counts_delay = counts_delay
+        self._whole_counts_every = whole_counts_every
+        self._whole_counts_due = 0.0
+        self._whole_counts_wanted = False
+        self._counts_written = asyncio.Event()
         self._watch_seconds = watch_seconds
         self._lock: psycopg.AsyncConnection[Any] | None = None
         self._counts: dict[str, dict[str, int]] = {name: {} for name in layout.indexed}
@@ -414,13 +424,22 @@ class DatabaseStore:
     def _counts_later(self) -> None:
         """Has the counts read again soon: one read for the writes of a short while."""
         self._counts_stale = True
+        self._counts_written.set()
         if self._counts_task is None and not self._stopped:
             self._counts_task = asyncio.create_task(self._recount(), name="database counts")
 
     async def _recount(self) -> None:
         try:
-            while self._counts_stale:
-                await asyncio.sleep(self._counts_delay)
+            # After the last write's read of the live counts, one more of every status once
+            # it is due: the counts end up whole a few seconds after the writes at most.
+            while self._counts_stale or self._whole_counts_wanted:
+                if not self._counts_stale:  # a write meanwhile wakes it
+                    self._counts_written.clear()
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(self._whole_counts_due - time.monotonic()):
+                            await self._counts_written.wait()
+                if self._counts_stale:
+                    await asyncio.sleep(self._counts_delay)
                 self._counts_stale = False
                 try:
                     await self._read_counts()
@@ -431,8 +450,22 @@ class DatabaseStore:
             self._counts_task = None
 
     async def _read_counts(self) -> None:
+        """Reads the pending and running jobs' counts (a few rows, through their indexes),
+        and every status's now and then: counting a million finished records takes
+        PostgreSQL a quarter of a second, so it is done at most a fiftieth of the time."""
+        whole = time.monotonic() >= self._whole_counts_due
+        started = time.monotonic()
         for name in sorted(self.layout.indexed):
-            self._counts[name] = await self.records.counts(name)
+            if whole:
+                self._counts[name] = await self.records.counts(name)
+            else:
+                live = await self.records.counts(name, live_only=True)
+                ended = {s: n for s, n in self._counts[name].items() if s not in LIVE_STATUSES}
+                self._counts[name] = {**ended, **live}
+        self._whole_counts_wanted = not whole
+        if whole:
+            took = time.monotonic() - started
+            self._whole_counts_due = time.monotonic() + max(self._whole_counts_every, 50 * took)
 
     # -- finished records in memory ----------------------------------------------------------
 
@@ -451,8 +484,8 @@ class DatabaseStore:
                     page = await self.records.finished_page(kind, before, PRELOAD_PAGE)
                 except DatabaseUnavailable:
                     return  # the GETs fill it, once the database is back
-                for job_id, record in page:  # newest first: each goes before the others
-                    finished.hold(kind, job_id, record, generation, first_to_go=True)
+                for job_id, text in page:  # newest first: each goes before the others
+                    finished.hold_text(kind, job_id, text, generation, first_to_go=True)
                 if len(page) < PRELOAD_PAGE:
                     break
                 before = page[-1][0]

@@ -44,7 +44,7 @@ async def until(check: Callable[[], bool], what: str, limit: float = 10.0) -> No
 
 @pytest.fixture
 async def store(database_url: str) -> AsyncIterator[DatabaseStore]:
-    started = make_store(database_url, counts_delay=0.05)
+    started = make_store(database_url, counts_delay=0.05, whole_counts_every=0.0)
     await started.start()
     yield started
     await started.stop()
@@ -303,3 +303,26 @@ async def test_a_node_whose_place_was_taken_refuses_to_write(database_url: str) 
         await node.write([Put("backup", "1", job(1))])
     finally:
         await node.stop()
+
+
+async def test_finished_records_are_counted_now_and_then_live_ones_at_once(
+    database_url: str,
+) -> None:
+    store = make_store(database_url, counts_delay=0.05, whole_counts_every=60.0)
+    await store.start()  # counts every status: the next such count is a minute away
+    try:
+        await store.write([Put("backup", "1", job(1)), Put("backup", "2", job(2))])
+        await until(lambda: store.counts("backup") == {"pending": 2}, "pending counted")
+        await store.write([Update("backup", "1", {"status": "success"})])
+        # The live count follows at once; the finished one waits for its turn.
+        await until(lambda: store.counts("backup") == {"pending": 1}, "pending counted again")
+        await asyncio.sleep(0.3)
+        assert store.counts("backup") == {"pending": 1}
+    finally:
+        await store.stop()
+    again = make_store(database_url, whole_counts_every=60.0)
+    await again.start()
+    try:
+        assert again.counts("backup") == {"pending": 1, "success": 1}
+    finally:
+        await again.stop()

@@ -89,7 +89,11 @@ class DatabaseBacking:
     def new(self) -> Store:
         self.made += 1
         return DatabaseStore(
-            self.url, layout=LAYOUT, node=f"test-{self.made}", counts_delay=self.counts_delay
+            self.url,
+            layout=LAYOUT,
+            node=f"test-{self.made}",
+            counts_delay=self.counts_delay,
+            whole_counts_every=0.0,
         )
 
     async def read(self, collection: str, key: str | int) -> Value | None:
