@@ -45,6 +45,9 @@ log = logging.getLogger("fa_restic.jobs")
 TICK_SECONDS = 1.0
 """How often a node claims, publishes progress and looks for cancels: progress on other
 nodes is at most about this old, and a cancel asked elsewhere starts within it."""
+RETRY_SECONDS = 0.1
+"""How soon a node claims again after its free slot found every waiting job held by another
+node's claim under way."""
 GATE_POLL_SECONDS = 0.5
 """How often exclusive work looks whether the jobs running on other nodes have ended."""
 READ_WAIT_SECONDS = 10.0
@@ -105,6 +108,8 @@ class ClusterNode:
         self._loop_task: asyncio.Task[None] | None = None
         self._cancelling: dict[JobKey, asyncio.Task[None]] = {}
         self._unreachable = False
+        self._missed = False
+        self._retried = False
         self.read_wait = READ_WAIT_SECONDS
         self._plug_into(parts)
 
@@ -161,8 +166,14 @@ class ClusterNode:
                     self._unreachable = True
                     log.warning("cluster: no claims while the database is unreachable: %s", error)
             await self._fence()
+            tick = min(TICK_SECONDS, self.options.lease_seconds / 3)
+            if self._missed:
+                # Jobs waited and a free slot took none: another node's claim held them
+                # (they are locked while it chooses). Look again soon, once, not a tick later.
+                self._missed = False
+                tick = RETRY_SECONDS
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(min(TICK_SECONDS, self.options.lease_seconds / 3)):
+                async with asyncio.timeout(tick):
                     await self._wake.wait()
 
     async def _beat(self) -> None:
@@ -250,6 +261,8 @@ class ClusterNode:
         # One round trip a tick when nothing waits: an idle cluster hardly loads its database.
         self.jobs_waiting = await self.coordination.pending_exists()
         claimed = await self.coordination.claim(slots) if slots and self.jobs_waiting else []
+        self._missed = bool(slots and self.jobs_waiting and not claimed and not self._retried)
+        self._retried = self._missed
         for kind, job_id, value in claimed:
             record = record_of(kind, value)
             key = (kind, job_id)
