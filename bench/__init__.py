@@ -278,6 +278,21 @@ def rss_bytes(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
+def child_pids(pid: int) -> list[int]:
+    """Returns the processes whose parent is `pid` (a service's restic runs), from /proc."""
+    found: list[int] = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text(encoding="ascii").rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        if int(fields[1]) == pid:
+            found.append(int(entry.name))
+    return found
+
+
 class Service:
     """`fa-restic serve` as a subprocess; log in <folder>/service.log."""
 
