@@ -98,18 +98,17 @@ class FinishedRecords:
         value: Value = orjson.loads(text)
         return value
 
-    def hold(
-        self, kind: str, job_id: int, value: Value, generation: int, *, first_to_go: bool = False
-    ) -> None:
-        """Holds a finished record read from the database, unless a change was heard since
-        `generation` (the record may be that change's old one). As the most recently read,
-        or with `first_to_go` the least (what is read ahead, not asked for)."""
-        self.hold_text(kind, job_id, orjson.dumps(value), generation, first_to_go=first_to_go)
+    def hold(self, kind: str, job_id: int, value: Value, generation: int) -> None:
+        """Holds a finished record read from the database as the most recently read, unless
+        a change was heard since `generation` (the record may be that change's old one)."""
+        self.hold_text(kind, job_id, orjson.dumps(value), generation)
 
     def hold_text(
         self, kind: str, job_id: int, text: bytes, generation: int, *, first_to_go: bool = False
     ) -> None:
-        """As `hold`, of a record as JSON text (what is read ahead comes so: no decoding)."""
+        """As `hold`, of a record as JSON text (what is read ahead comes so: no decoding);
+        with `first_to_go` as the least recently read (read ahead, not asked for), and not
+        at all when the limit is reached."""
         if generation != self._generation or self.limit <= 0:
             return
         key = (kind, job_id)

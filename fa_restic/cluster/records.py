@@ -189,18 +189,27 @@ class DatabaseRecords:
 
     async def write(self, operations: Iterable[Operation]) -> Cleared:
         """Applies a batch of store operations atomically, in order, in one transaction;
-        returns once it is committed, with how many rows each Clear deleted (the
-        database's own count, exact whatever other nodes did before).
+        returns once it is committed (and every node forgot the finished records it
+        changed: `finished`), with how many rows each Clear deleted (the database's own
+        count, exact whatever other nodes did before).
 
         Raises DatabaseUnavailable (nothing changed then, unless the commit itself was cut
         short) or ValueError for an unknown collection or a job key that is not an integer
         (nothing is sent then).
         """
+        cleared, changed = await self.commit(operations)
+        if changed and self.finished is not None:
+            await self.finished.changed()
+        return cleared
+
+    async def commit(self, operations: Iterable[Operation]) -> tuple[Cleared, bool]:
+        """As `write`, without waiting for the other nodes: returns also whether a finished
+        record changed (the caller then awaits `finished.changed()` before it answers)."""
         batch = list(operations)
         statements = [_statement(operation) for operation in batch]
         cleared: Cleared = {}
         if not statements:
-            return cleared
+            return cleared, False
         async with self.database.transaction() as connection:
             # Runs of one statement go as one executemany (pipelined): a cancel-all's 50,000
             # updates cost round trips by the batch, not by the record.
@@ -220,10 +229,9 @@ class DatabaseRecords:
                 async with connection.cursor() as cursor:
                     await cursor.executemany(query, [params for _, params in statements[start:end]])
                 start = end
-            changed = await _finished_changed(connection)
-        if changed and self.finished is not None:
-            await self.finished.changed()
-        return cleared
+            # Only a node holding finished records asks (import-state has none to forget).
+            changed = self.finished is not None and await _finished_changed(connection)
+        return cleared, changed
 
     async def next_sequence(self) -> int:
         """Returns the next queue position, unique and increasing across every node."""

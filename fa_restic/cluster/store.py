@@ -375,12 +375,16 @@ class DatabaseStore:
     async def _commit(self, batch: list[Operation]) -> Cleared:
         async with self._writing:
             try:
-                cleared = await self.records.write(batch)
+                cleared, changed = await self.records.commit(batch)
             except DatabaseUnavailable as error:
                 self._note(str(error))
                 raise
             self._note(OK)
         self._counts_later()
+        if changed and self.finished is not None:
+            # Outside the lock: a node slow to answer (or dead, up to TRUST_SECONDS) holds
+            # up this answer only, not the node's next writes.
+            await self.finished.changed()
         return cleared
 
     async def fetch(self, collection: str, key: str) -> Value | None:

@@ -151,7 +151,14 @@ async def test_a_write_waits_for_a_node_that_does_not_answer_no_longer_than_its_
         await mute.execute("SELECT pg_notify('fa_restic_sync', 'ping node-mute 1')")
         await asyncio.sleep(0.05)
         started_at = time.monotonic()
-        await a.write([Delete("backup", "1")])
+        deleting = asyncio.create_task(a.write([Delete("backup", "1")]))
+        await asyncio.sleep(0.1)
+        # Meanwhile the node's other writes go on: only the delete's answer waits.
+        other_started = time.monotonic()
+        await a.write([Put("backup", "3", job(3, status="pending"))])
+        assert time.monotonic() - other_started < 0.5
+        assert not deleting.done()
+        await deleting
         waited = time.monotonic() - started_at
     assert TRUST_SECONDS - 0.2 <= waited <= TRUST_SECONDS + 1.0, waited
     assert await b.fetch("backup", "1") is None
