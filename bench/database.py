@@ -7,7 +7,7 @@ backup records (the state file through the store's own API, the database by
 benchmark starts (initdb, 127.0.0.1), durable as a real one: fsync and synchronous commit
 on, as the state file fsyncs each change.
 
-- POST: BENCH_POSTS (300) POST /backup of a tiny file to the four in turn (in an order
+- POST: BENCH_POSTS (1,000) POST /backup of a tiny file to the four in turn (in an order
   shuffled every round, never one service twice in a row), after 10 unmeasured; each is
   answered once its record is durable.
   The backups run in the background, one at a time, alike everywhere; cancel-all at the end.
@@ -60,7 +60,7 @@ from bench.status_latency import wait_port
 from tests.pg import PostgresServer, _postgres_bin, _unprivileged
 
 SIZES = (1_000, 50_000)
-POSTS = int(os.environ.get("BENCH_POSTS", 300))
+POSTS = int(os.environ.get("BENCH_POSTS", 1000))
 GETS = int(os.environ.get("BENCH_GETS", 5000))
 WARMUP = 10
 BLOCK = 50
