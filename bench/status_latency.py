@@ -66,11 +66,17 @@ SOURCE = "src"
 # -- the bare server (a separate process) ------------------------------------------------
 
 
-def bare_server(port: int, body_file: Path) -> None:
-    """Answers GET /fa/api/v0/backup/{id} with fixed JSON bytes, nothing else."""
+def bare_server(port: int, body_file: Path, work_us: float = 0.0) -> None:
+    """Answers GET /fa/api/v0/backup/{id} with fixed JSON bytes, nothing else; after
+    `work_us` microseconds of busy work, if given (a calibration: bench.database)."""
     body = body_file.read_bytes()
+    work = work_us / 1e6
 
     async def get_backup(request: web.Request) -> web.Response:
+        if work:
+            until = time.perf_counter() + work
+            while time.perf_counter() < until:
+                pass
         return web.Response(body=body, content_type="application/json")
 
     app = web.Application()
@@ -300,12 +306,15 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--bare", nargs=2, metavar=("PORT", "BODY_FILE"), help="run the bare server only"
     )
+    parser.add_argument(
+        "--work-us", type=float, default=0.0, help="the bare server's busy work per request"
+    )
     return parser.parse_args(argv)
 
 
 if __name__ == "__main__":
     arguments = parse_arguments(sys.argv[1:])
     if arguments.bare:
-        bare_server(int(arguments.bare[0]), Path(arguments.bare[1]))
+        bare_server(int(arguments.bare[0]), Path(arguments.bare[1]), arguments.work_us)
         raise SystemExit(0)
     raise SystemExit(main())
