@@ -20,8 +20,9 @@ on, as the state file fsyncs each change.
 A second bare server does CALIBRATION_WORK_US of busy work per request, timed the same
 way, as information: on this VM a handler 10-30 us slower than the bare one already has a
 p99 some 1.4-1.6x the bare's. In the slow requests the send of the answer takes some 0.2 ms
-more; the cpuidle governor is haltpoll, whose idle vCPUs poll a short while and then halt,
-and a client left waiting a little longer is woken from the halt.
+more. The likely cause (the hypervisor's side was not measured): the cpuidle governor is
+haltpoll, whose idle vCPUs poll a short while and then halt, so a client left waiting a
+little longer is woken from the halt.
 
 Goals (issue 10): on PostgreSQL, POST p50 growth 1k -> 50k <= 1.2, and GET p99 at 50,000
 records within 1.5x the bare handler's. The state file's figures are beside them.
@@ -62,7 +63,7 @@ from bench import (
     write_results,
 )
 from bench.state import SEED_USERS, seed_records, write_state
-from bench.status_latency import wait_port
+from bench.status_latency import start_bare, wait_port
 from tests.pg import PostgresServer, _postgres_bin, _unprivileged
 
 SIZES = (1_000, 50_000)
@@ -174,7 +175,7 @@ def post_orders(sides: list[Side], rounds: int) -> list[list[Side]]:
     for _ in range(rounds):
         order = list(sides)
         chooser.shuffle(order)
-        while orders and order[0] is orders[-1][-1]:
+        while len(order) > 1 and orders and order[0] is orders[-1][-1]:
             chooser.shuffle(order)
         orders.append(order)
     return orders
@@ -242,15 +243,6 @@ async def get_round(sides: list[Side], bares: dict[str, list[float]]) -> None:
             for base, samples in bares.items():
                 for _ in range(min(BLOCK, GETS - start)):
                     samples.append(await timed_get(session, f"{base}{API}/backup/1", "user001"))
-
-
-def start_bare(body_file: Path, work_us: float) -> tuple[subprocess.Popen[bytes], str]:
-    """Starts bench.status_latency's bare server; returns it and its base URL."""
-    port = free_port()
-    command = [sys.executable, "-m", "bench.status_latency", "--bare", str(port), str(body_file)]
-    process = subprocess.Popen([*command, "--work-us", str(work_us)])
-    asyncio.run(wait_port(port))
-    return process, f"http://127.0.0.1:{port}"
 
 
 def wait_quiet(sides: list[Side], limit: float = 300.0) -> float:
@@ -325,10 +317,11 @@ def main() -> int:
 
             body_file.write_bytes(asyncio.run(one_body()))
             bares: dict[str, list[float]] = {}
-            for work_us in (0.0, CALIBRATION_WORK_US):
-                process, base = start_bare(body_file, work_us)
+            for work_us, samples in ((0.0, bare), (CALIBRATION_WORK_US, calibration)):
+                process, port = start_bare(body_file, work_us)
                 bare_processes.append(process)
-                bares[base] = bare if work_us == 0 else calibration
+                asyncio.run(wait_port(port))
+                bares[f"http://127.0.0.1:{port}"] = samples
             log(f"GET x {GETS} per service and of the bare servers, in blocks of {BLOCK}")
             asyncio.run(get_round(sides, bares))
             exits = {side.name: side.service.stop() if side.service else 0 for side in sides}
@@ -385,12 +378,13 @@ def main() -> int:
                 else "; for comparison)"
             )
         )
-    calibration_ratio = figures(calibration)["p99_ms"] / bare_p99
+    calibrated = figures(calibration)
+    calibration_ratio = calibrated["p99_ms"] / bare_p99
     results["calibration_p99_vs_bare"] = calibration_ratio
     say(
         f"calibration: the bare handler with {CALIBRATION_WORK_US:.0f} us of busy work per "
-        f"request: p99 {figures(calibration)['p99_ms']:.2f} ms, p50 "
-        f"{figures(calibration)['p50_ms']:.2f} ms = {calibration_ratio:.2f}x the bare p99 "
+        f"request: p99 {calibrated['p99_ms']:.2f} ms, p50 {calibrated['p50_ms']:.2f} ms = "
+        f"{calibration_ratio:.2f}x the bare p99 "
         "(information: what a little more work per request costs at p99 on this machine)"
     )
     write_results("database", results)

@@ -186,17 +186,23 @@ def service_round(
         shutil.rmtree(repo.path, ignore_errors=True)
 
 
+def start_bare(body_file: Path, work_us: float = 0.0) -> tuple[subprocess.Popen[bytes], int]:
+    """Starts bare_server in a process of its own; returns it and its port, which it may not
+    listen on yet (wait_port)."""
+    port = free_port()
+    command = [sys.executable, "-m", "bench.status_latency", "--bare", str(port), str(body_file)]
+    process = subprocess.Popen(
+        [*command, "--work-us", str(work_us)], cwd=ROOT, stdin=subprocess.DEVNULL
+    )
+    return process, port
+
+
 def bare_round(folder: Path, source: Path, binary: str, body: bytes) -> dict[str, Any]:
     """Loads the bare server while raw restic backs the same data up."""
     repo = make_repo(folder, binary)
     body_file = folder / "body.json"
     body_file.write_bytes(body)
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "bench.status_latency", "--bare", str(port), str(body_file)],
-        cwd=ROOT,
-        stdin=subprocess.DEVNULL,
-    )
+    server, port = start_bare(body_file)
     url = f"http://127.0.0.1:{port}{API}/backup/1"
     restic: subprocess.Popen[bytes] | None = None
     try:
