@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import signal
 import socket
 import subprocess
 import time
@@ -159,6 +160,31 @@ async def eventually(
             return last
         await asyncio.sleep(interval)
     raise AssertionError(f"not reached within {timeout}s; last: {last!r}")
+
+
+def thread_states(pid: int) -> list[str]:
+    """Returns the state letter of every thread of `pid` (R, S, D, T, ...), from /proc."""
+    states = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            states.append((task / "stat").read_text().rsplit(")", 1)[1].split()[0])
+        except (OSError, IndexError):
+            continue  # the thread ended meanwhile
+    return states
+
+
+async def stop_process(pid: int, timeout: float = 10.0) -> None:
+    """Sends SIGSTOP to `pid` and returns once every one of its threads has stopped.
+
+    kill() returns before the process stops: a thread inside a write() finishes it first,
+    so what a stopped process wrote is only settled once each thread shows state T.
+    """
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + timeout
+    while not all(state in "Tt" for state in thread_states(pid)):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"process {pid} did not stop: {thread_states(pid)}")
+        await asyncio.sleep(0.001)
 
 
 def restic_env(folder: Path, repository_url: str | None = None) -> dict[str, str]:

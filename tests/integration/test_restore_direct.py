@@ -27,7 +27,7 @@ from fa_restic.restic.errors import ResticError
 from fa_restic.restic.features import Feature, ResticVersion, has_feature, parse_version
 from fa_restic.restic.sandbox import Confinement
 from tests.conftest import Api
-from tests.helpers import make_random_tree, make_small_tree, tree_listing
+from tests.helpers import make_random_tree, make_small_tree, stop_process, tree_listing
 from tests.integration.test_restore_safety import back_up, restore, staging_left, take_path
 from tests.integration.test_symlink_races import exchange
 
@@ -87,7 +87,7 @@ async def test_a_deep_dst_folder_swapped_while_restic_writes(
     await api.call("POST", "/restore", json={"restore_id": 1, "backup_id": 1, "dst_path": "out"})
     pid = await wait_for(lambda: restic_restoring_into(dst))
     await wait_for(lambda: any(dst.rglob("*.bin")))  # restic is writing
-    os.kill(pid, signal.SIGSTOP)
+    await stop_process(pid)
     try:
         moved = exchange(dst / "z" / "deep", bob)
     finally:
@@ -272,10 +272,10 @@ async def test_progress_is_measured_in_dst_where_restic_prints_none(
 
     await api.call("POST", "/restore", json={"restore_id": 1, "backup_id": 1, "dst_path": "out"})
     pid = await wait_for(lambda: restic_restoring_into(dst))
-    await wait_for(lambda: any(dst.rglob("*.bin")))
-    os.kill(pid, signal.SIGSTOP)  # holds the restore mid-way while the progress is read
+    await wait_for(lambda: restored_bytes(dst) > 0)  # a created file may still be empty
+    await stop_process(pid)  # holds the restore mid-way while the progress is read
     try:
-        written = sum(path.stat().st_size for path in dst.rglob("*.bin"))
+        written = restored_bytes(dst)
         progress = await progress_once(api, lambda progress: progress["bytes_done"] > 0)
     finally:
         os.kill(pid, signal.SIGCONT)
@@ -286,6 +286,11 @@ async def test_progress_is_measured_in_dst_where_restic_prints_none(
     assert progress["total_bytes"] == 64 << 20
     restored = files_below(dst)
     assert restored.pop("old.txt") and restored == files_below(home / "big")
+
+
+def restored_bytes(dst: Path) -> int:
+    """Returns the size of the restored files (*.bin) under `dst` so far."""
+    return sum(path.stat().st_size for path in dst.rglob("*.bin"))
 
 
 async def progress_once(api: Api, check: Any) -> dict[str, Any]:
