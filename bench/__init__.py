@@ -15,11 +15,13 @@ import platform
 import signal
 import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -95,6 +97,56 @@ def temporary_folder(name: str) -> tempfile.TemporaryDirectory[str]:
 
 def _tmp_base() -> str | None:
     return os.environ.get("BENCH_TMPDIR") or None
+
+
+CPU_LATENCY_FILE = "/dev/cpu_dma_latency"
+
+
+@contextmanager
+def latency_tuned(server_pids: Sequence[int]) -> Iterator[str | None]:
+    """Holds the machine still for a latency measurement, as tuned's latency-performance
+    profile and cyclictest do.
+
+    - A CPU wake-up latency of 0 (PM QoS, CPU_LATENCY_FILE): idle CPUs poll instead of
+      halting, so a reply does not wait for its client's CPU to wake.
+    - This process (the client) on the first CPU, `server_pids` and all their threads on
+      the others: client and server neither share a CPU nor move between CPUs.
+
+    Yields None once both hold, else why not (not root, one CPU), with nothing changed.
+    Both are undone at the end.
+    """
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        yield "one CPU: the client and the servers cannot be apart"
+        return
+    try:
+        request = os.open(CPU_LATENCY_FILE, os.O_WRONLY)
+    except OSError as error:
+        yield f"{CPU_LATENCY_FILE}: {error.strerror}"
+        return
+    threads = [thread for pid in server_pids for thread in threads_of(pid)]
+    before = {thread: os.sched_getaffinity(thread) for thread in threads}
+    own = os.sched_getaffinity(0)
+    try:
+        os.write(request, struct.pack("i", 0))  # held while the file is open
+        os.sched_setaffinity(0, cpus[:1])
+        for thread in threads:
+            os.sched_setaffinity(thread, cpus[1:])
+        yield None
+    finally:
+        os.close(request)
+        os.sched_setaffinity(0, own)
+        for thread, affinity in before.items():
+            with suppress(OSError):  # ended meanwhile
+                os.sched_setaffinity(thread, affinity)
+
+
+def threads_of(pid: int) -> list[int]:
+    """Returns the thread ids of `pid` (sched_setaffinity sets one thread), from /proc."""
+    try:
+        return [int(entry.name) for entry in Path(f"/proc/{pid}/task").iterdir()]
+    except OSError:
+        return []  # gone
 
 
 def write_results(name: str, data: dict[str, Any]) -> Path:
