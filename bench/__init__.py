@@ -124,20 +124,21 @@ def latency_tuned(server_pids: Sequence[int]) -> Iterator[str | None]:
     except OSError as error:
         yield f"{CPU_LATENCY_FILE}: {error.strerror}"
         return
-    threads = [thread for pid in server_pids for thread in threads_of(pid)]
-    before = {thread: os.sched_getaffinity(thread) for thread in threads}
+    before: dict[int, set[int]] = {}
     own = os.sched_getaffinity(0)
     try:
         os.write(request, struct.pack("i", 0))  # held while the file is open
         os.sched_setaffinity(0, cpus[:1])
-        for thread in threads:
-            os.sched_setaffinity(thread, cpus[1:])
+        for thread in (thread for pid in server_pids for thread in threads_of(pid)):
+            with suppress(OSError):  # a thread that ended meanwhile; new ones inherit
+                before[thread] = os.sched_getaffinity(thread)
+                os.sched_setaffinity(thread, cpus[1:])
         yield None
     finally:
         os.close(request)
         os.sched_setaffinity(0, own)
         for thread, affinity in before.items():
-            with suppress(OSError):  # ended meanwhile
+            with suppress(OSError):
                 os.sched_setaffinity(thread, affinity)
 
 
