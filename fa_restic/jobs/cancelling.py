@@ -141,15 +141,19 @@ class Canceller:
         """Cancels every pending or running job of `kind` of `user` (None: of everyone) on
         every node; returns the ids now `cancel`, sorted."""
         local = [r for r in self.records.of(kind).values() if user is None or r.user == user]
-        cancelled = set(await self.cancel_all(local, by))
         coordination = self.coordination
         if coordination is None:
-            return sorted(cancelled)
+            return await self.cancel_all(local, by)
+        # The cluster's queue first: a slot this node's stops free would claim a job still
+        # waiting there, and request_cancel asks other nodes only. Then the other nodes are
+        # asked before this node's own stops, which wait for restic to end: asked after
+        # them, a short backup elsewhere finished meanwhile (CI saw both end in success).
         fields = cancelled_in_queue_fields(f"cancelled by {by} before it started", utc_now())
         queued = await coordination.cancel_pending(kind, fields, user=user)
         self.metrics.jobs_cancelled(kind, len(queued))
-        cancelled.update(queued)
+        cancelled = set(queued)
         asked = await coordination.request_cancel(kind, by, user=user)
+        cancelled.update(await self.cancel_all(local, by))
         ended = await self._ended([(kind, job_id) for job_id in asked])
         cancelled.update(r.id for r in ended if r is not None and r.status is JobStatus.CANCEL)
         return sorted(cancelled)

@@ -230,6 +230,24 @@ async def test_cancel_all_reaches_every_node_and_only_the_callers_jobs(
     await wait_for(lambda: _is(b, 4, JobStatus.SUCCESS), "bob's backup ok")
 
 
+async def test_cancel_all_on_the_running_node_leaves_its_freed_slot_nothing_to_claim(
+    make_node: NodeMaker, data_root: Path
+) -> None:
+    """The cluster's queue is emptied before this node's jobs stop: else the slot the
+    stopped job frees claims a waiting job, which nobody asks this node to cancel."""
+    a = await make_node("a", max_running=1)
+    b = await make_node("b", max_running=0)
+    await held_running(a, 1, data_root)
+    await b.backup(BOB, 2, data_root)  # waits for a's one slot; would succeed at once
+
+    cancelled = await a.service.cancel_all(ROOT, JobKind.BACKUP)
+
+    assert sorted(cancelled) == [1, 2]
+    await asyncio.sleep(1.5)  # a's loops would have claimed it by now
+    assert (await b.status(JobKind.BACKUP, 2)) is JobStatus.CANCEL
+    assert a.restic.backed_up() == [1], "backup 2 never ran"
+
+
 async def test_exclusive_work_waits_for_the_jobs_of_every_node(
     make_node: NodeMaker, data_root: Path
 ) -> None:
