@@ -342,6 +342,8 @@ def test_cancel_and_cancel_all_from_a_node_that_does_not_run_the_job(
     users = ("alice", "bob", "carol")
     for user in users:
         linked_copy(big_tree, cluster.home(user) / "big")
+        for copy in ("1", "2", "3"):  # still running when cancel-all reaches every node
+            linked_copy(big_tree, cluster.home(user) / "bigger" / copy)
         make_small_tree(cluster.home(user) / "small")
 
     # A running backup cancelled on a node that does not run it.
@@ -363,7 +365,7 @@ def test_cancel_and_cancel_all_from_a_node_that_does_not_run_the_job(
 
     # Every node busy with one backup; two more wait, pending.
     for backup_id, (node, user) in enumerate(zip(cluster.nodes, users, strict=True), start=2):
-        posted(node, "backup", {"id": backup_id, "path": "big"}, user=user)
+        posted(node, "backup", {"id": backup_id, "path": "bigger"}, user=user)
     busy = {backup_id: cluster.wait_runner("backup", backup_id) for backup_id in (2, 3, 4)}
     assert len({node.name for node in busy.values()}) == 3, busy
     posted(cluster["node-a"], "backup", {"id": 5, "path": "small"})
