@@ -140,10 +140,9 @@ class Canceller:
     async def cancel_all_in_cluster(self, kind: str, by: str, user: str | None) -> list[int]:
         """Cancels every pending or running job of `kind` of `user` (None: of everyone) on
         every node; returns the ids now `cancel`, sorted."""
-        local = [r for r in self.records.of(kind).values() if user is None or r.user == user]
         coordination = self.coordination
         if coordination is None:
-            return await self.cancel_all(local, by)
+            return await self.cancel_all(self._live(kind, user), by)
         # The cluster's queue first: a slot this node's stops free would claim a job still
         # waiting there, and request_cancel asks other nodes only. Then the other nodes are
         # asked before this node's own stops, which wait for restic to end: asked after
@@ -153,10 +152,15 @@ class Canceller:
         self.metrics.jobs_cancelled(kind, len(queued))
         cancelled = set(queued)
         asked = await coordination.request_cancel(kind, by, user=user)
-        cancelled.update(await self.cancel_all(local, by))
+        # This node's records read now: a job it claimed meanwhile is stopped here too.
+        cancelled.update(await self.cancel_all(self._live(kind, user), by))
         ended = await self._ended([(kind, job_id) for job_id in asked])
         cancelled.update(r.id for r in ended if r is not None and r.status is JobStatus.CANCEL)
         return sorted(cancelled)
+
+    def _live(self, kind: str, user: str | None) -> list[JobRecord]:
+        """Returns this node's live records of `kind` of `user` (None: of everyone)."""
+        return [r for r in self.records.of(kind).values() if user is None or r.user == user]
 
     @staticmethod
     async def _active(candidates: Sequence[JobRecord]) -> list[JobRecord]:
