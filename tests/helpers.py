@@ -162,15 +162,19 @@ async def eventually(
     raise AssertionError(f"not reached within {timeout}s; last: {last!r}")
 
 
+def stat_fields(stat_file: Path) -> list[str] | None:
+    """Returns the fields of a /proc stat file after the command's name (state first), or
+    None when the process or thread is gone."""
+    try:
+        return stat_file.read_text(encoding="ascii").rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
 def thread_states(pid: int) -> list[str]:
     """Returns the state letter of every thread of `pid` (R, S, D, T, ...), from /proc."""
-    states = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            states.append((task / "stat").read_text().rsplit(")", 1)[1].split()[0])
-        except (OSError, IndexError):
-            continue  # the thread ended meanwhile
-    return states
+    found = (stat_fields(task / "stat") for task in Path(f"/proc/{pid}/task").iterdir())
+    return [fields[0] for fields in found if fields is not None]
 
 
 async def stop_process(pid: int, timeout: float = 10.0) -> None:

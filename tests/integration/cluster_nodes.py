@@ -47,7 +47,16 @@ from typing import Any
 import pytest
 
 from tests.faults.service_process import restic_processes
-from tests.helpers import API, TERMINAL, auth, free_port, make_home, run_restic, write_config
+from tests.helpers import (
+    API,
+    TERMINAL,
+    auth,
+    free_port,
+    make_home,
+    run_restic,
+    stat_fields,
+    write_config,
+)
 
 STARTED_LINE = re.compile(
     r"^(\S+ \S+) .*?\b(backup|restore) (\d+): started(?: \(attempt (\d+)\))?", re.M
@@ -461,21 +470,14 @@ def command_line(pid: int) -> str:
 
 
 def parent_of(pid: int) -> int | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii")
-    except OSError:
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[1])
+    fields = stat_fields(Path(f"/proc/{pid}/stat"))
+    return None if fields is None else int(fields[1])
 
 
 def start_ticks(pid: int) -> int | None:
     """Returns a process's start time since boot (tells a reused pid apart), or None."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii")
-    except OSError:
-        return None
-    fields = stat.rsplit(")", 1)[1].split()
-    return None if fields[0] == "Z" else int(fields[19])
+    fields = stat_fields(Path(f"/proc/{pid}/stat"))
+    return None if fields is None or fields[0] == "Z" else int(fields[19])
 
 
 def descendants(pid: int) -> list[int]:
