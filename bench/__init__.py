@@ -317,9 +317,28 @@ class CpuTimes:
     """User + system seconds of its children that it has reaped (restic)."""
 
 
+def stat_fields(pid: int | str) -> list[str]:
+    """Returns the fields of /proc/<pid>/stat after the command's name (the state first,
+    then the parent's pid); raises OSError if the process is gone."""
+    stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii", errors="replace")
+    return stat.rsplit(")", 1)[1].split()  # the name, in parentheses, may hold anything
+
+
+def parents() -> dict[int, int]:
+    """Returns each process's parent pid, from /proc (a process gone meanwhile is left out)."""
+    found: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            found[int(entry.name)] = int(stat_fields(entry.name)[1])
+        except OSError:
+            continue
+    return found
+
+
 def cpu_times(pid: int) -> CpuTimes:
-    fields = Path(f"/proc/{pid}/stat").read_text(encoding="ascii").rsplit(")", 1)[1].split()
-    utime, stime, cutime, cstime = (int(value) for value in fields[11:15])
+    utime, stime, cutime, cstime = (int(value) for value in stat_fields(pid)[11:15])
     return CpuTimes((utime + stime) / TICKS, (cutime + cstime) / TICKS)
 
 
@@ -333,17 +352,7 @@ def rss_bytes(pid: int) -> int:
 
 def child_pids(pid: int) -> list[int]:
     """Returns the processes whose parent is `pid` (a service's restic runs), from /proc."""
-    found: list[int] = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text(encoding="ascii").rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # gone meanwhile
-        if int(fields[1]) == pid:
-            found.append(int(entry.name))
-    return found
+    return [child for child, parent in parents().items() if parent == pid]
 
 
 class Service:

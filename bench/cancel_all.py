@@ -29,6 +29,7 @@ from bench import (
     API,
     NOISE_NOTE,
     Service,
+    child_pids,
     free_port,
     get_data,
     headers,
@@ -59,17 +60,13 @@ def user_of(number: int) -> str:
 def backup_children(service_pid: int) -> list[int]:
     """The pids of the service's child processes that run a restic backup."""
     found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+    for pid in child_pids(service_pid):
         try:
-            stat = Path(f"/proc/{entry}/stat").read_text(encoding="ascii", errors="replace")
-            command = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
-            continue
-        parent = int(stat.rsplit(")", 1)[1].split()[1])
-        if parent == service_pid and b"backup" in command:
-            found.append(int(entry))
+            continue  # gone meanwhile
+        if b"backup" in command:
+            found.append(pid)
     return found
 
 

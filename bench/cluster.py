@@ -61,6 +61,7 @@ from bench import (
     log,
     make_repo,
     median,
+    parents,
     parse_time,
     post,
     restic_binary,
@@ -360,15 +361,8 @@ class Takeover:
 def descendants(pid: int) -> list[int]:
     """Returns the pids of the processes below `pid` (restic and its helper)."""
     children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text(encoding="ascii", errors="replace")
-        except OSError:
-            continue
-        parent = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(parent, []).append(int(entry.name))
+    for child, parent in parents().items():
+        children.setdefault(parent, []).append(child)
     found, todo = [], [pid]
     while todo:
         below = children.get(todo.pop(), [])
