@@ -132,7 +132,7 @@ async def rebuild_state(settings: Settings) -> int:
     for name, values in kept.items():
         operations += [Put(name, key, value) for key, value in values.items()]
     await store.write(operations)
-    store.close()
+    await store.stop()
     log.info("rebuilt %s: %d backup records from %d snapshots", path, len(records), len(snapshots))
     print(f"rebuilt {path}: {len(records)} backup records from {len(snapshots)} snapshots")
     return 0

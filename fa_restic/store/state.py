@@ -118,6 +118,8 @@ class StateStore:
         self._touched: dict[str, set[int]] | None = None
         self._cleared: set[str] = set()
         self._compaction: asyncio.Future[None] | None = None
+        self._folding = False
+        """True from a compaction's first step on (until then `stop` may drop it)."""
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="state-writer")
         self._compactor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="state-compactor")
         for name in self.layout.indexed:
@@ -511,6 +513,7 @@ class StateStore:
         await self.settled()
 
     async def _compact(self) -> None:
+        self._folding = True
         loop = asyncio.get_running_loop()
         segment = self._segment
         self._segment += 1
@@ -539,6 +542,7 @@ class StateStore:
             self._touched = None
             self._cleared = set()
             self._compaction = None
+            self._folding = False
 
     def _snapshot(self) -> compaction.Snapshot:
         self._touched = {name: set() for name in self.layout.indexed}
@@ -655,11 +659,28 @@ class StateStore:
         return self.page(collection, owner=owner, label=label, before=before, limit=limit)
 
     async def stop(self) -> None:
-        """`close` on a thread (it waits for the writer and a compaction)."""
+        """Ends a compaction, then `close` on a thread.
+
+        A compaction still waiting for writes to pause is dropped (the journal holds its
+        changes); one under way is awaited, since its last steps run on the event loop and
+        would otherwise close and reopen the files `close` closes.
+        """
+        compaction = self._compaction
+        if compaction is not None:
+            if not self._folding:
+                compaction.cancel()
+            await asyncio.wait([compaction])
+            self._compaction = None
         await asyncio.to_thread(self.close)
 
     def close(self) -> None:
-        """Waits for pending writes (and a compaction's file work) and closes the files."""
+        """Waits for pending writes and closes the files.
+
+        Raises RuntimeError while a compaction is pending or under way: a store that an
+        event loop writes to is closed with `stop`.
+        """
+        if self._compaction is not None and not self._compaction.done():
+            raise RuntimeError("the state store is compacting: close it with stop()")
         self._writer.shutdown(wait=True)
         self._compactor.shutdown(wait=True)
         for descriptor in (self._journal, self._reader):

@@ -177,7 +177,7 @@ async def test_cancel_all_of_twenty_thousand_never_holds_the_loop(
     assert during >= count // CANCEL_CHUNK, during
     store = service.store
     assert isinstance(store, StateStore)
-    await asyncio.to_thread(store.close)
+    await store.stop()  # a compaction of the 20,000 changes may be under way
     again = StateStore(store.path, LAYOUT)
     reloaded = await asyncio.to_thread(again.load)
     try:
@@ -186,4 +186,4 @@ async def test_cancel_all_of_twenty_thousand_never_holds_the_loop(
         stored = again.read("backup", "7")
         assert stored is not None and stored["status"] == "cancel"
     finally:
-        await asyncio.to_thread(again.close)
+        await again.stop()

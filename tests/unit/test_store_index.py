@@ -257,3 +257,58 @@ def test_a_write_that_fails_changes_nothing(path: Path) -> None:
         _check_filled(store, store.load())
     finally:
         store.close()
+
+
+def test_a_stop_during_a_compaction_waits_for_it_and_keeps_everything(path: Path) -> None:
+    """The service stopped while its store folds the journal. (CI: `close`, on its thread,
+    closed the reader that the compaction's last step, on the loop, then closed again.)"""
+
+    async def run() -> None:
+        store = StateStore(path, LAYOUT)
+        store.load()
+        await _fill(store)
+        compaction = asyncio.create_task(store.compact())
+        while not store._folding:  # noqa: ASYNC110 - until its rotation is queued on the writer
+            await asyncio.sleep(0)
+        await store.stop()
+        await compaction  # ended, without an error
+        assert store.sizes["journal"] == 0
+
+    asyncio.run(run())
+    assert path.with_name("state.json.index").is_file()
+    assert path.with_name("state.json.journal").stat().st_size == 0, "folded in"
+    store = StateStore(path, LAYOUT)
+    try:
+        _check_filled(store, store.load())
+    finally:
+        store.close()
+
+
+def test_a_stop_drops_a_compaction_that_waits_for_writes_to_pause(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(state_module, "QUIET_SECONDS", 600.0)
+
+    async def run() -> None:
+        store = StateStore(path, LAYOUT)
+        store.load()
+        await _fill(store)
+        # Past the journal's bound, not twice past it: the next write starts a compaction
+        # that waits for a pause in writes.
+        monkeypatch.setattr(state_module, "MIN_JOURNAL_BYTES", store.sizes["journal"])
+        await store.write([Update("backup", "40", {"path": "/srv/fa/data/users/x/new"})])
+        waiting = store._compaction
+        assert waiting is not None and not store._folding
+        with pytest.raises(RuntimeError, match="stop"):
+            store.close()  # from the loop, only `stop` can end the compaction
+        await store.stop()
+        assert waiting.cancelled()
+
+    asyncio.run(run())
+    store = StateStore(path, LAYOUT)
+    try:
+        hot = store.load()  # from the journal, which kept every change
+        _check_filled(store, hot)
+        assert hot["backup"]["40"]["path"] == "/srv/fa/data/users/x/new"
+    finally:
+        store.close()
