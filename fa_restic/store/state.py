@@ -120,6 +120,7 @@ class StateStore:
         self._compaction: asyncio.Future[None] | None = None
         self._folding = False
         """True from a compaction's first step on (until then `stop` may drop it)."""
+        self._stopping = False
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="state-writer")
         self._compactor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="state-compactor")
         for name in self.layout.indexed:
@@ -484,7 +485,7 @@ class StateStore:
 
     def _maybe_compact(self) -> None:
         self._last_write = time.monotonic()
-        if self._compaction is not None or self._journal is None:
+        if self._compaction is not None or self._journal is None or self._stopping:
             return
         if self._over(1):
             self._compaction = asyncio.ensure_future(self._compact_when_quiet())
@@ -665,6 +666,7 @@ class StateStore:
         changes); one under way is awaited, since its last steps run on the event loop and
         would otherwise close and reopen the files `close` closes.
         """
+        self._stopping = True  # no compaction starts from here on
         compaction = self._compaction
         if compaction is not None:
             if not self._folding:
