@@ -34,6 +34,7 @@ from fa_restic.config import ResticSettings
 from fa_restic.names import snapshot_tags
 from fa_restic.restic.commands import Argv, Binary, backup_command, restore_command
 from fa_restic.restic.features import parse_version
+from fa_restic.restic.runner import stat_fields
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -317,28 +318,22 @@ class CpuTimes:
     """User + system seconds of its children that it has reaped (restic)."""
 
 
-def stat_fields(pid: int | str) -> list[str]:
-    """Returns the fields of /proc/<pid>/stat after the command's name (the state first,
-    then the parent's pid); raises OSError if the process is gone."""
-    stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii", errors="replace")
-    return stat.rsplit(")", 1)[1].split()  # the name, in parentheses, may hold anything
-
-
 def parents() -> dict[int, int]:
     """Returns each process's parent pid, from /proc (a process gone meanwhile is left out)."""
     found: dict[int, int] = {}
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            found[int(entry.name)] = int(stat_fields(entry.name)[1])
-        except OSError:
-            continue
+        fields = stat_fields(entry / "stat") if entry.name.isdigit() else None
+        if fields is not None:
+            found[int(entry.name)] = int(fields[1])
     return found
 
 
 def cpu_times(pid: int) -> CpuTimes:
-    utime, stime, cutime, cstime = (int(value) for value in stat_fields(pid)[11:15])
+    """Returns a process's CPU times; raises ProcessLookupError if it is gone."""
+    fields = stat_fields(f"/proc/{pid}/stat")
+    if fields is None:
+        raise ProcessLookupError(pid)
+    utime, stime, cutime, cstime = (int(value) for value in fields[11:15])
     return CpuTimes((utime + stime) / TICKS, (cutime + cstime) / TICKS)
 
 

@@ -15,6 +15,8 @@ from typing import Any
 
 import jwt
 
+from fa_restic.restic.runner import stat_fields
+
 JWT_SECRET = "test-secret-that-is-long-enough-for-hs512-0123456789abcdef"
 API = "/fa/api/v0"
 TERMINAL = {"success", "failed", "cancel"}
@@ -160,15 +162,6 @@ async def eventually(
             return last
         await asyncio.sleep(interval)
     raise AssertionError(f"not reached within {timeout}s; last: {last!r}")
-
-
-def stat_fields(stat_file: Path) -> list[str] | None:
-    """Returns the fields of a /proc stat file after the command's name (state first), or
-    None when the process or thread is gone."""
-    try:
-        return stat_file.read_text(encoding="ascii").rsplit(")", 1)[1].split()
-    except OSError:
-        return None
 
 
 def thread_states(pid: int) -> list[str]:

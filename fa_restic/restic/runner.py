@@ -61,15 +61,21 @@ def child_environment(extra: Mapping[str, str]) -> dict[str, str]:
     return environment
 
 
-def process_start_ticks(pid: int) -> int | None:
-    """Returns a process's start time in clock ticks since boot (to tell a pid reused), or None."""
+def stat_fields(stat_file: str | Path) -> list[str] | None:
+    """Returns the fields of a /proc stat file (`/proc/<pid>/stat`, or a thread's) after
+    the command's name, the state first and the parent's pid next; None if it is gone."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii")
+        stat = Path(stat_file).read_text(encoding="ascii", errors="replace")
     except OSError:
         return None
-    # The command name (field 2) may contain spaces; fields after it are fixed.
-    fields = stat.rsplit(")", 1)[1].split()
-    if fields[0] == "Z":  # already dead, waiting to be reaped: nothing to end
+    # The command name (field 2) may contain spaces and parentheses; fields after it are fixed.
+    return stat.rsplit(")", 1)[1].split()
+
+
+def process_start_ticks(pid: int) -> int | None:
+    """Returns a process's start time in clock ticks since boot (to tell a pid reused), or None."""
+    fields = stat_fields(f"/proc/{pid}/stat")
+    if fields is None or fields[0] == "Z":  # gone, or dead and waiting to be reaped
         return None
     return int(fields[19])
 

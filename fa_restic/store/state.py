@@ -118,8 +118,6 @@ class StateStore:
         self._touched: dict[str, set[int]] | None = None
         self._cleared: set[str] = set()
         self._compaction: asyncio.Future[None] | None = None
-        self._folding = False
-        """True from a compaction's first step on (until then `stop` may drop it)."""
         self._stopping = False
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="state-writer")
         self._compactor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="state-compactor")
@@ -514,7 +512,6 @@ class StateStore:
         await self.settled()
 
     async def _compact(self) -> None:
-        self._folding = True
         loop = asyncio.get_running_loop()
         segment = self._segment
         self._segment += 1
@@ -543,7 +540,12 @@ class StateStore:
             self._touched = None
             self._cleared = set()
             self._compaction = None
-            self._folding = False
+
+    @property
+    def _folding(self) -> bool:
+        """True from a compaction's first step (its snapshot) to its end; until then `stop`
+        may drop it."""
+        return self._touched is not None
 
     def _snapshot(self) -> compaction.Snapshot:
         self._touched = {name: set() for name in self.layout.indexed}

@@ -46,6 +46,7 @@ from typing import Any
 
 import pytest
 
+from fa_restic.restic.runner import stat_fields
 from tests.faults.service_process import restic_processes
 from tests.helpers import (
     API,
@@ -54,7 +55,6 @@ from tests.helpers import (
     free_port,
     make_home,
     run_restic,
-    stat_fields,
     write_config,
 )
 
@@ -470,14 +470,8 @@ def command_line(pid: int) -> str:
 
 
 def parent_of(pid: int) -> int | None:
-    fields = stat_fields(Path(f"/proc/{pid}/stat"))
+    fields = stat_fields(f"/proc/{pid}/stat")
     return None if fields is None else int(fields[1])
-
-
-def start_ticks(pid: int) -> int | None:
-    """Returns a process's start time since boot (tells a reused pid apart), or None."""
-    fields = stat_fields(Path(f"/proc/{pid}/stat"))
-    return None if fields is None or fields[0] == "Z" else int(fields[19])
 
 
 def descendants(pid: int) -> list[int]:

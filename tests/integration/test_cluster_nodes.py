@@ -25,6 +25,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from fa_restic.restic.runner import process_start_ticks
 from tests.helpers import TERMINAL, assert_same_tree, make_random_tree, make_small_tree
 from tests.integration.cluster_nodes import (
     CLUSTERS,
@@ -36,7 +37,6 @@ from tests.integration.cluster_nodes import (
     command_line,
     journaled_runs,
     register_log_tails,
-    start_ticks,
     timed_restic,
 )
 from tests.pg import PostgresServer
@@ -417,13 +417,13 @@ def test_a_node_killed_mid_backup_loses_its_restic_and_another_node_runs_the_job
         10,
         "restic reading",
     )
-    restics = {pid: start_ticks(pid) for pid in victim.restic_children()}
+    restics = {pid: process_start_ticks(pid) for pid in victim.restic_children()}
     assert restics, f"{victim.name} runs no restic"
 
     killed_at = time.monotonic()
     victim.kill()
     wait_until(
-        lambda: all(start_ticks(pid) != ticks for pid, ticks in restics.items()),
+        lambda: all(process_start_ticks(pid) != ticks for pid, ticks in restics.items()),
         5,
         f"the restic of the killed {victim.name} ended (PR_SET_PDEATHSIG)",
     )
